@@ -1,0 +1,63 @@
+"""beta-VAE for 3D volumes on MONAI's AutoencoderKL (Kingma & Welling 2014; Higgins et al.
+2017 for the beta weight; the KL-autoencoder of Rombach et al. 2022 that MONAI implements).
+
+No adversarial or perceptual term here: the reference code trained a PatchGAN
+discriminator on the private images outside DP and fed it into this loss, which leaks
+private data around DP-SGD. The loss below is reconstruction + beta * KL, per sample.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from monai.networks.nets import AutoencoderKL
+
+from models.base import Adapter, crop_to, pad_to_multiple
+
+
+class PaddedAutoencoderKL(nn.Module):
+    """AutoencoderKL that accepts any (D, H, W): pads to the total stride, crops back."""
+
+    def __init__(self, channels, latent_channels, num_res_blocks, norm_num_groups):
+        super().__init__()
+        self.stride = 2 ** (len(channels) - 1)
+        self.net = AutoencoderKL(
+            spatial_dims=3, in_channels=1, out_channels=1,
+            channels=tuple(channels), latent_channels=latent_channels,
+            num_res_blocks=num_res_blocks, norm_num_groups=norm_num_groups,
+            attention_levels=(False,) * len(channels),
+            # Attention on 3D feature maps is costly and needs per-sample gradients
+            # through softmax; the reference model has none at these sizes either.
+            with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+        )
+
+    def encode(self, x):
+        x, spatial = pad_to_multiple(x, self.stride)
+        mu, sigma = self.net.encode(x)
+        return mu, sigma, spatial
+
+    def decode(self, z, spatial):
+        return crop_to(self.net.decode(z), spatial)
+
+    def forward(self, x):
+        mu, sigma, spatial = self.encode(x)
+        z = mu + sigma * torch.randn_like(sigma)
+        return self.decode(z, spatial), mu, sigma
+
+
+class BetaVAE(Adapter):
+    family = "beta_vae"
+    components = ("recon", "kl")
+
+    def build(self) -> nn.Module:
+        c = self.cfg
+        return PaddedAutoencoderKL(c.channels, c.latent_channels, c.num_res_blocks, c.norm_num_groups)
+
+    def per_sample_loss(self, net, batch):
+        x = batch["image"]
+        recon, mu, sigma = net(x)
+        err = (recon - x).abs() if self.cfg.recon_loss == "l1" else (recon - x) ** 2
+        recon_loss = err.flatten(1).mean(1)
+        var = sigma.pow(2)
+        kl = 0.5 * (mu.pow(2) + var - torch.log(var + 1e-12) - 1).flatten(1).sum(1)
+        loss = recon_loss + self.cfg.kl_weight * kl
+        return loss, {"recon": recon_loss.detach(), "kl": kl.detach()}

@@ -1,0 +1,482 @@
+"""The sweep file schema: the single source of truth for keys, types, defaults and errors.
+
+A sweep file is YAML. ``load_sweep(path)`` returns a validated ``SweepConfig`` or raises
+``ConfigError`` with one line naming the key and what was expected. The README's sweep
+file reference is generated from these classes (``python -m orchestrator.config --reference``)
+and a test checks that the README matches.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import ConfigError
+
+PHANTOM_LABELS = ["LVEDV", "LVESV", "LVEF", "MYOEDTHICK", "MYOESTHICK", "ESED"]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo like `noise_multipler` must not silently fall back
+    # to a default and produce a run the user did not ask for.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SynthesizeConfig(_Strict):
+    """Make a phantom dataset at `data.root` if it does not exist yet."""
+    kind: Literal["phantom"] = Field("phantom", description="only `phantom` is built in")
+    n: int = Field(256, ge=3, description="number of volumes (split 80/10/10)")
+    seed: int = Field(0, description="random seed of the phantom generator")
+    variant: Literal["private", "public"] = Field(
+        "private", description="`public`: a shifted distribution for pretraining")
+
+
+class DataConfig(_Strict):
+    """The dataset: index files `training.npy`, `validation.npy`, `testing.npy` under `root`."""
+    root: str = Field("data/phantom", description="folder with the three index files (relative paths: to the working directory)")
+    labels: list[str] = Field(default_factory=lambda: list(PHANTOM_LABELS),
+                              description="names of the columns of each sample's `labels`, stored order")
+    shape: tuple[int, int, int] = Field((13, 48, 48), description="expected (D, H, W) of every sample")
+    allow_pickle: bool = Field(False, description="read `.npy` samples holding a pickled dict (trusted data only)")
+    private: bool = Field(True, description="private data is only trained on with DP; public data costs no budget")
+    synthesize: Optional[SynthesizeConfig] = Field(None, description="make a phantom dataset at `root` if absent")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(s < 1 for s in self.shape):
+            raise ValueError("shape: expected three positive sizes (D, H, W)")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: names must be unique")
+        return self
+
+
+class PrivacyConfig(_Strict):
+    """How epsilon is accounted."""
+    delta: float = Field(1e-5, gt=0, lt=1, description="target delta; must be below 1/n_train")
+    accountant: Literal["prv", "rdp", "gdp"] = Field("prv", description="Opacus accountant")
+
+
+class ClusterConfig(_Strict):
+    """Where trials run."""
+    address: Optional[str] = Field(None, description="null: start a local Ray; `auto` or `ray://host:port`: join a cluster")
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers (processes) per trial")
+    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs each Train worker reserves")
+    use_gpu: Union[bool, Literal["auto"]] = Field("auto", description="`auto`: GPUs when the cluster has them")
+    max_concurrent_trials: Optional[int] = Field(None, ge=1, description="null: as many as the cluster's CPUs/GPUs fit")
+    num_cpus: Optional[int] = Field(None, ge=1, description="local Ray only: logical CPUs to declare (default: all cores)")
+    dashboard_host: str = Field("127.0.0.1", description="local Ray only: where the dashboard listens")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts per trial (resumes from the last checkpoint)")
+
+
+class TrackingConfig(_Strict):
+    """Where results are recorded."""
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; null: `sqlite:///<output>/mlflow.db`")
+
+
+class BetaVAEConfig(_Strict):
+    """beta-VAE on MONAI's AutoencoderKL."""
+    kind: Literal["beta_vae"] = "beta_vae"
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="channels per level; each level after the first halves D, H, W")
+    latent_channels: int = Field(3, ge=1, description="channels of the latent")
+    num_res_blocks: int = Field(1, ge=1, description="residual blocks per level")
+    norm_num_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every entry of `channels`")
+    kl_weight: float = Field(1e-6, ge=0, description="beta: weight of the KL term")
+    recon_loss: Literal["l1", "mse"] = Field("l1", description="reconstruction loss per voxel")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError("channels: expected a non-empty list of positive integers")
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups: {self.norm_num_groups} must divide every channel count, not {bad}")
+        return self
+
+
+ModelConfig = BetaVAEConfig  # issue 3 widens this to a discriminated union on `kind`
+
+
+class TrainConfig(_Strict):
+    """The optimisation of one trial."""
+    epochs: int = Field(2, ge=1, description="passes over the training split")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    batch_size: int = Field(32, ge=1, description="logical batch (the expected Poisson batch in DP mode)")
+    physical_batch_size: int = Field(8, ge=1, description="micro-batch actually run; memory depends on this only")
+    seed: int = Field(0, description="seed of weights, sampling and noise")
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap on steps per epoch (`--smoke-test` sets 2)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.physical_batch_size > self.batch_size:
+            raise ValueError(f"physical_batch_size: {self.physical_batch_size} is larger than "
+                             f"batch_size {self.batch_size}; expected at most the logical batch")
+        return self
+
+
+class DPConfig(_Strict):
+    """DP-SGD (Opacus)."""
+    enabled: bool = Field(False, description="train with DP-SGD")
+    noise_multiplier: Optional[float] = Field(None, gt=0, description="sigma; give this or `target_epsilon`")
+    target_epsilon: Optional[float] = Field(None, gt=0, description="solve sigma so the run ends at this epsilon")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping bound C")
+    grad_sample_mode: Literal["functorch", "hooks"] = Field(
+        "functorch", description="how Opacus computes per-sample gradients")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("expected exactly one of `noise_multiplier` or `target_epsilon` when enabled")
+        return self
+
+
+class ParamSpec(_Strict):
+    """One searched parameter: `values`, `value`, or `distribution` with `min`/`max`."""
+    values: Optional[list[Any]] = None
+    value: Any = None
+    distribution: Optional[Literal["uniform", "log_uniform", "int_uniform"]] = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        forms = [self.values is not None, "value" in self.model_fields_set, self.distribution is not None]
+        if sum(forms) != 1:
+            raise ValueError("expected exactly one of `values`, `value`, or `distribution` (with `min`/`max`)")
+        if self.values is not None and not self.values:
+            raise ValueError("values: expected a non-empty list")
+        if self.distribution is not None:
+            if self.min is None or self.max is None:
+                raise ValueError("distribution: expected `min` and `max`")
+            if not self.min < self.max:
+                raise ValueError(f"min: expected min < max, got {self.min} >= {self.max}")
+            if self.distribution == "log_uniform" and self.min <= 0:
+                raise ValueError("min: log_uniform needs min > 0")
+        elif self.min is not None or self.max is not None:
+            raise ValueError("min/max: only valid with `distribution`")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values to validate against the stage schema."""
+        if self.values is not None:
+            return list(self.values)
+        if self.distribution is not None:
+            lo, hi = self.min, self.max
+            return [int(lo), int(hi)] if self.distribution == "int_uniform" else [lo, hi]
+        return [self.value]
+
+
+class SearchConfig(_Strict):
+    """What Ray Tune varies and how it picks the best trial."""
+    method: Literal["grid", "random", "optuna"] = Field("grid", description="search algorithm")
+    metric: str = Field("val/loss", description="metric that ranks trials")
+    mode: Literal["min", "max"] = Field("min", description="whether lower or higher `metric` is better")
+    num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: number of trials")
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict, description="dotted path in this stage -> values")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.method == "grid":
+            for path, spec in self.parameters.items():
+                if spec.distribution is not None:
+                    raise ValueError(f"parameters.{path}: grid search needs `values` or `value`, "
+                                     "not a distribution (use method: random or optuna)")
+        return self
+
+
+class StageConfig(_Strict):
+    """One stage of the study: a model family trained by a sweep of trials."""
+    name: str = Field(..., min_length=1, description="stage name (MLflow tag `orchestrator.stage`)")
+    needs: Optional[str] = Field(None, description="stage whose selected checkpoint this stage uses")
+    select: Optional[Literal["best", "each"]] = Field(None, description="with `needs`: best trial, or one sweep per upstream trial")
+    init_from: Optional[str] = Field(None, description="stage whose selected weights initialise this one")
+    data: Optional[dict[str, Any]] = Field(None, description="overrides of the top-level `data` for this stage")
+    model: ModelConfig = Field(default_factory=BetaVAEConfig, description="the model family and its size")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.select is not None and self.needs is None:
+            raise ValueError("select: only meaningful with `needs`")
+        return self
+
+
+class SweepConfig(_Strict):
+    """A whole study."""
+    name: str = Field(..., min_length=1, description="MLflow experiment name and Ray run name")
+    output: str = Field("runs/demo", description="holds mlflow.db, Ray results and checkpoints (relative: to the working directory)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    stages: list[StageConfig] = Field(..., min_length=1)
+
+    # Set by load_sweep: the folder relative paths are resolved against.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [s.name for s in self.stages]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"stages: duplicate stage name {sorted(dup)[0]!r}")
+        for s in self.stages:
+            for key in ("needs", "init_from"):
+                ref = getattr(s, key)
+                if ref is not None and ref not in names:
+                    hint = _did_you_mean(ref, names)
+                    raise ValueError(f"stages[{s.name}].{key}: unknown stage {ref!r}{hint}")
+                if ref == s.name:
+                    raise ValueError(f"stages[{s.name}].{key}: a stage cannot depend on itself")
+        stage_order(self.stages)  # raises on cycles
+        return self
+
+    # --- resolved views -------------------------------------------------------------
+    def stage_data(self, stage: StageConfig) -> DataConfig:
+        merged = self.data.model_dump()
+        merged.update(stage.data or {})
+        return DataConfig.model_validate(merged)
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.output)
+
+
+def stage_order(stages: list[StageConfig]) -> list[StageConfig]:
+    """Stages sorted so every stage comes after what it `needs` or is `init_from`."""
+    by_name = {s.name: s for s in stages}
+    order, state = [], {}
+
+    def visit(s: StageConfig, chain: list[str]):
+        if state.get(s.name) == "done":
+            return
+        if state.get(s.name) == "visiting":
+            raise ValueError(f"stages: dependency cycle {' -> '.join(chain + [s.name])}")
+        state[s.name] = "visiting"
+        for ref in (s.needs, s.init_from):
+            if ref in by_name:
+                visit(by_name[ref], chain + [s.name])
+        state[s.name] = "done"
+        order.append(s)
+
+    for s in stages:
+        visit(s, [])
+    return order
+
+
+# --- dotted paths -------------------------------------------------------------------
+def get_path(tree: dict, path: str) -> Any:
+    node = tree
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def set_path(tree: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# --- errors -------------------------------------------------------------------------
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: tuple, root: type[BaseModel]) -> Optional[type[BaseModel]]:
+    """The pydantic class that owns the field at `loc` (to suggest valid keys)."""
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return model
+        ann = field.annotation
+        nxt = None
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                nxt = cand
+            for sub in getattr(cand, "__args__", ()):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    nxt = sub
+        model = nxt
+    return model
+
+
+def _loc_to_str(loc: tuple, raw: Any) -> str:
+    parts = []
+    node = raw
+    for part in loc:
+        if isinstance(part, int):
+            name = None
+            if isinstance(node, list) and part < len(node) and isinstance(node[part], dict):
+                name = node[part].get("name")
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{name if name else part}]"]
+        else:
+            parts.append(str(part))
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(parts)
+
+
+def format_validation_error(err: ValidationError, raw: Any, root: type[BaseModel]) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if p not in ("function-after", "BetaVAEConfig"))
+    where = _loc_to_str(loc, raw)
+    if e["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1], root)
+        hint = _did_you_mean(str(loc[-1]), owner.model_fields) if owner is not None else ""
+        return f"{where}: unknown key{hint}"
+    if e["type"] == "missing":
+        return f"{where}: required key is missing"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "value_error" and where == "":
+        return msg
+    got = e.get("input")
+    shown = "" if isinstance(got, (dict, list)) or e["type"] == "value_error" else f", got {got!r}"
+    return f"{where}: {msg}{shown}" if where else f"{msg}{shown}"
+
+
+# --- loading ------------------------------------------------------------------------
+def load_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: sweep file not found")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read sweep file ({exc.strerror})")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}")
+
+
+def parse_sweep(raw: Any, source: str = "sweep file", base_dir: Path = Path(".")) -> SweepConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with keys `name` and `stages`, "
+                          f"got {type(raw).__name__}")
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {format_validation_error(err, raw, SweepConfig)}")
+    cfg.base_dir = base_dir
+    for stage in cfg.stages:
+        _check_stage(cfg, stage, raw, source)
+    return cfg
+
+
+def _check_stage(cfg: SweepConfig, stage: StageConfig, raw: dict, source: str) -> None:
+    where = f"stages[{stage.name}]"
+    try:
+        cfg.stage_data(stage)
+    except ValidationError as err:
+        raw_data = {**raw.get("data", {}), **(stage.data or {})}
+        raise ConfigError(f"{source}: {where}.data.{format_validation_error(err, raw_data, DataConfig)}")
+    base = stage.model_dump(exclude={"search", "name", "needs", "select", "init_from", "data"})
+    # Each searched path must exist in the stage config, and each candidate value must
+    # give a valid stage: a typo in a path, or sigma = -1 in a grid, is caught here and
+    # not hours later inside trial 17.
+    for path, spec in stage.search.parameters.items():
+        try:
+            get_path(base, path)
+        except (KeyError, TypeError):
+            head = path.split(".")[0]
+            choices = list(flatten(base)) if head in base else list(base)
+            hint = _did_you_mean(path if head in base else head, choices)
+            raise ConfigError(f"{source}: {where}.search.parameters.{path}: no such key in the stage config{hint}")
+    specs = stage.search.parameters
+    combos = itertools.product(*[spec.candidates() for spec in specs.values()]) if specs else [()]
+    for combo in itertools.islice(combos, 256):
+        trial = copy.deepcopy(base)
+        for path, value in zip(specs, combo):
+            set_path(trial, path, value)
+        try:
+            StageConfig.model_validate({**trial, "name": stage.name})
+        except ValidationError as err:
+            raise ConfigError(f"{source}: {where}.search.parameters: with "
+                              f"{dict(zip(specs, combo))}: "
+                              f"{format_validation_error(err, trial, StageConfig)}")
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    raw = load_yaml(path)
+    # Relative paths in a sweep file mean what they mean on the command line: relative to
+    # the directory the launch runs in (as `output: runs/demo` reads).
+    return parse_sweep(raw, source=str(path), base_dir=Path.cwd())
+
+
+# --- reference (README) -------------------------------------------------------------
+def reference_markdown() -> str:
+    """The sweep-file reference, generated from the schema (kept in the README)."""
+    sections = [("(top level)", SweepConfig), ("data", DataConfig), ("data.synthesize", SynthesizeConfig),
+                ("privacy", PrivacyConfig), ("cluster", ClusterConfig), ("tracking", TrackingConfig),
+                ("stages[]", StageConfig), ("stages[].model (kind: beta_vae)", BetaVAEConfig),
+                ("stages[].train", TrainConfig), ("stages[].dp", DPConfig), ("stages[].search", SearchConfig),
+                ("stages[].search.parameters.<path>", ParamSpec)]
+    lines = []
+    for title, model in sections:
+        lines.append(f"#### `{title}`")
+        doc = (model.__doc__ or "").strip().splitlines()[0]
+        lines.append(doc)
+        lines.append("")
+        lines.append("| key | default | meaning |")
+        lines.append("|---|---|---|")
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                val = field.default_factory()
+                default = f"`{val}`" if not isinstance(val, BaseModel) else "see below"
+            else:
+                default = f"`{field.default}`" if field.default is not None else "`null`"
+            lines.append(f"| `{name}` | {default} | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--reference"]:
+        print(reference_markdown(), end="")
+    else:
+        for arg in sys.argv[1:]:
+            try:
+                load_sweep(arg)
+                print(f"{arg}: ok")
+            except ConfigError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                raise SystemExit(2)

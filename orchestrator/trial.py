@@ -1,0 +1,41 @@
+"""The trial driver: one Tune trial = one Ray Train run of `trainers.loop.train_worker`.
+
+Ray Train V2 no longer runs as a Tune trainable itself; the supported pattern is a Tune
+function that builds a TorchTrainer and calls `.fit()`, with TuneReportCallback forwarding
+rank 0's reports to Tune. The Train run is named after the Tune trial id so that a
+restarted trial (or `--resume`) finds its own checkpoints.
+"""
+from __future__ import annotations
+
+import ray.train
+from ray import tune
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from trainers.loop import train_worker
+
+DRIVER_CPUS = 0.05  # the driver only waits on the trainer; Tune rejects a request of 0
+
+
+def run_trial(config: dict) -> None:
+    meta = config["meta"]
+    trial_id = tune.get_context().get_trial_id()
+    use_gpu = bool(meta["use_gpu"])
+    resources = {"CPU": meta["cpus_per_worker"]}
+    if use_gpu:
+        resources["GPU"] = meta.get("gpus_per_worker", 1)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=meta["workers"], use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"{meta['run_prefix']}-{trial_id}",
+            storage_path=meta["storage_path"],
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=meta["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()

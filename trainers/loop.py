@@ -1,0 +1,186 @@
+"""How one trial trains: the one training loop, run by every Ray Train worker.
+
+Every model family goes through this loop; a family differs only in its adapter
+(`models/`). DP or not differs only in the stepper (`trainers/privacy.py`).
+
+    for each epoch:
+        for each sampling event (a Poisson batch in DP mode, a shuffled batch otherwise):
+            split the local batch into physical micro-batches
+            per-sample loss -> backward -> (clip + accumulate) ... -> (noise) -> step
+        validation loss on the validation split (all ranks)
+        ray.train.report(metrics, checkpoint with model, optimizer and accountant state)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ray.train
+import ray.train.torch
+
+from models import build_adapter
+from orchestrator.config import DataConfig, StageConfig
+from trainers.data import VolumeDataset, validate_dataset
+from trainers.privacy import (DPStepper, PoissonSampler, PrivacyFacts, ShuffleSampler, Stepper,
+                              solve_noise_multiplier, steps_per_epoch)
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def _collate(dataset, indices, device):
+    items = [dataset[int(i)] for i in indices]
+    return {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "labels", "label_mask")}
+
+
+def _all_sum(values: list[float], world_size: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def plan_privacy(stage: StageConfig, n_train: int, delta: float, accountant: str) -> PrivacyFacts:
+    """sigma, q and the planned number of steps, decided before training starts."""
+    steps = steps_per_epoch(n_train, stage.train.batch_size)
+    if stage.train.max_steps_per_epoch:
+        steps = min(steps, stage.train.max_steps_per_epoch)
+    total = steps * stage.train.epochs
+    q = stage.train.batch_size / n_train
+    sigma = stage.dp.noise_multiplier
+    if sigma is None:
+        sigma = solve_noise_multiplier(target_epsilon=stage.dp.target_epsilon, delta=delta,
+                                       sample_rate=q, steps=total, accountant=accountant)
+    return PrivacyFacts(noise_multiplier=sigma, sample_rate=q, delta=delta, accountant=accountant,
+                        max_grad_norm=stage.dp.max_grad_norm, steps_planned=total)
+
+
+def _evaluate(adapter, net, dataset, indices, device, batch_size, world_size):
+    """Mean per-sample loss (and components) over this rank's shard, summed over ranks."""
+    net.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    # The same latent-sampling noise at every evaluation, so val/loss curves are comparable;
+    # fork_rng leaves the training RNG stream untouched.
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        for start in range(0, len(indices), batch_size):
+            batch = _collate(dataset, indices[start:start + batch_size], device)
+            loss, parts = adapter.per_sample_loss(net, batch)
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.sum())
+            n += len(loss)
+    net.train()
+    keys = ["loss", *adapter.components]  # fixed order: every rank all-reduces the same list
+    totals = _all_sum([sums.get(k, 0.0) for k in keys] + [n], world_size)
+    count = max(totals[-1], 1.0)
+    return {k: v / count for k, v in zip(keys, totals[:-1])}
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train entry point. `config` = {"stage": stage dict, "meta": {...}} (see trial.py)."""
+    meta = config["meta"]
+    stage = StageConfig.model_validate({**config["stage"], "name": meta["stage"]})
+    data_cfg = DataConfig.model_validate(meta["data"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    threads = max(1, int(meta.get("cpus_per_worker", 1)))
+    torch.set_num_threads(threads)
+
+    index = validate_dataset(data_cfg.root, data_cfg.labels, tuple(data_cfg.shape),
+                             allow_pickle=data_cfg.allow_pickle, cache_dir=meta.get("cache_dir"))
+    train_set = VolumeDataset(index.splits["training"], len(data_cfg.labels), allow_pickle=data_cfg.allow_pickle)
+    val_set = VolumeDataset(index.splits["validation"], len(data_cfg.labels), allow_pickle=data_cfg.allow_pickle)
+    n_train = len(train_set)
+
+    torch.manual_seed(stage.train.seed)  # identical initial weights on every rank
+    adapter = build_adapter(stage.model, tuple(data_cfg.shape), len(data_cfg.labels))
+    model = adapter.network.to(device)
+    if world > 1:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+    base_opt = torch.optim.Adam(model.parameters(), lr=stage.train.lr, weight_decay=stage.train.weight_decay)
+
+    facts = None
+    if stage.dp.enabled:
+        facts = plan_privacy(stage, n_train, meta["delta"], meta["accountant"])
+        stepper = DPStepper(model, base_opt, world, noise_multiplier=facts.noise_multiplier,
+                            max_grad_norm=facts.max_grad_norm, sample_rate=facts.sample_rate,
+                            n_train=n_train, accountant=facts.accountant,
+                            grad_sample_mode=stage.dp.grad_sample_mode, noise_seed=stage.train.seed)
+        sampler = PoissonSampler(n_train, stage.train.batch_size, rank, world, stage.train.seed)
+    else:
+        stepper = Stepper(model, base_opt, world)
+        sampler = ShuffleSampler(n_train, stage.train.batch_size, rank, world, stage.train.seed)
+
+    start_epoch = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        stepper.network.load_state_dict(state["model"])
+        base_opt.load_state_dict(state["optimizer"])
+        stepper.load_state_dict(state["accountant"])
+        start_epoch = int(state["epoch"])
+        if rank == 0:
+            print(f"[{meta['stage']}] resumed from epoch {start_epoch}"
+                  + (f", {stepper.steps} DP steps already accounted" if stepper.dp else ""), flush=True)
+
+    max_steps = stage.train.max_steps_per_epoch
+    pbs = stage.train.physical_batch_size
+    val_idx = np.arange(rank, len(val_set), world)
+    for epoch in range(start_epoch, stage.train.epochs):
+        t0 = time.perf_counter()
+        if stepper.dp:
+            stepper.seed_noise(epoch, rank)
+        sums: dict[str, float] = {}
+        seen = 0
+        for step, local in enumerate(sampler.epoch(epoch)):
+            if max_steps and step >= max_steps:
+                break
+            chunks = [local[i:i + pbs] for i in range(0, len(local), pbs)] or [local]
+            for j, chunk in enumerate(chunks):
+                if len(chunk) == 0:
+                    stepper.empty_microbatch()
+                else:
+                    batch = _collate(train_set, chunk, device)
+                    loss, parts = adapter.per_sample_loss(stepper.module, batch)
+                    stepper.backward(loss)
+                    for k, v in {"loss": loss, **parts}.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
+                    seen += len(chunk)
+                stepper.microbatch_done(last=j == len(chunks) - 1)
+        keys = ["loss", *adapter.components]
+        totals = _all_sum([sums.get(k, 0.0) for k in keys] + [seen], world)
+        train_metrics = {f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(keys, totals[:-1])}
+        val = _evaluate(adapter, stepper.network, val_set, val_idx, device, pbs, world)
+        elapsed = time.perf_counter() - t0
+        metrics = {"epoch": epoch + 1, **train_metrics, **{f"val/{k}": v for k, v in val.items()},
+                   "time/epoch_s": elapsed, "perf/samples_per_s": totals[-1] / max(elapsed, 1e-9)}
+        if facts is not None:
+            metrics.update({"privacy/epsilon": stepper.epsilon(facts.delta), "privacy/steps": stepper.steps,
+                            "privacy.noise_multiplier": facts.noise_multiplier,
+                            "privacy.sample_rate": facts.sample_rate, "privacy.delta": facts.delta,
+                            "privacy.accountant": facts.accountant, "privacy.max_grad_norm": facts.max_grad_norm,
+                            "privacy.steps_planned": facts.steps_planned})
+        if rank == 0:
+            eps = f" eps={metrics['privacy/epsilon']:.3f} steps={metrics['privacy/steps']}" if facts else ""
+            print(f"[{meta['stage']}] epoch {epoch + 1}/{stage.train.epochs} "
+                  f"train/loss={metrics['train/loss']:.5f} val/loss={metrics['val/loss']:.5f}{eps} "
+                  f"({elapsed:.1f}s)", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({"model": stepper.network.state_dict(), "optimizer": base_opt.state_dict(),
+                            "accountant": stepper.state_dict(), "epoch": epoch + 1,
+                            "family": stage.model.kind, "model_config": stage.model.model_dump(),
+                            "shape": list(data_cfg.shape), "labels": list(data_cfg.labels),
+                            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+                           os.path.join(tmp, CHECKPOINT_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)

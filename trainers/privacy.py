@@ -1,0 +1,230 @@
+"""Everything that touches private data on its way to a trained model goes through here.
+
+Read this file to audit the privacy story of a trial:
+
+* Sampling. DP-SGD's guarantee (and every accountant in Opacus and dp-accounting) assumes
+  Poisson subsampling: each record joins each step independently with probability q, and
+  the number of steps is fixed in advance. `PoissonSampler` does exactly that, per rank over
+  a disjoint shard, with a stream of random numbers of its own per rank. Every sampling
+  event is a step on every rank, also when a rank's batch is empty. (Opacus's own
+  DistributedUniformWithReplacementSampler silently skips steps whose local batch is
+  empty, so its epsilon is under-reported and ranks can desync; see FACTS.md.)
+* Clipping and noise. Opacus's DPOptimizer / DistributedDPOptimizer clip each sample's
+  gradient to `max_grad_norm`, sum, add N(0, (sigma * C)^2) once per step (rank 0 only in
+  the distributed case) and divide by the expected global batch q * N.
+* Accounting. One Opacus accountant per trial, fed (sigma, q) at each noise addition. Its
+  history is saved in every checkpoint and restored on resume, so a resumed run continues
+  its epsilon rather than restarting it. The facts that let anyone recompute epsilon
+  (sigma, q, steps, delta, accountant) are reported with every epoch.
+
+Non-DP training shares the sampling/stepping structure (shuffled fixed-size batches) so the
+training loop has one shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.validators import ModuleValidator
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    # SeedSequence gives statistically independent streams per (seed, rank, epoch).
+    return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, *stream]))
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Sampling events per epoch: 1/q rounded up, the same on every rank."""
+    return max(1, math.ceil(n_train / batch_size))
+
+
+class PoissonSampler:
+    """Poisson subsampling of the whole training set, split over ranks.
+
+    Rank r owns records r, r + W, r + 2W, ...; at each step each owned record is included
+    independently with probability q = batch_size / n_train. The union over ranks is then
+    exactly a Poisson sample of the full dataset, which is what the accountant assumes.
+    """
+
+    def __init__(self, n_train: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.n_train, self.rank, self.world_size, self.seed = n_train, rank, world_size, seed
+        self.sample_rate = batch_size / n_train
+        self.shard = np.arange(rank, n_train, world_size)
+        self.steps = steps_per_epoch(n_train, batch_size)
+
+    def epoch(self, epoch: int):
+        rng = _rng(self.seed, 1, self.rank, epoch)
+        for _ in range(self.steps):
+            yield self.shard[rng.random(len(self.shard)) < self.sample_rate]
+
+
+class ShuffleSampler:
+    """Non-DP: a shuffled pass in fixed-size global batches, each split over ranks."""
+
+    def __init__(self, n_train: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.n_train, self.batch_size, self.rank, self.world_size, self.seed = n_train, batch_size, rank, world_size, seed
+        self.sample_rate = batch_size / n_train
+        self.steps = steps_per_epoch(n_train, batch_size)
+
+    def epoch(self, epoch: int):
+        perm = _rng(self.seed, 2, epoch).permutation(self.n_train)  # same on every rank
+        for s in range(self.steps):
+            yield perm[s * self.batch_size:(s + 1) * self.batch_size][self.rank::self.world_size]
+
+
+def solve_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float,
+                           steps: int, accountant: str) -> float:
+    """sigma such that `steps` Poisson steps at rate q end at `target_epsilon`.
+
+    Raises ValueError when the target cannot be reached (Opacus gives up past sigma 1e6)."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps, accountant=accountant,
+                                      epsilon_tolerance=0.005))
+
+
+@dataclass
+class PrivacyFacts:
+    """What anyone needs to recompute epsilon (logged as MLflow params)."""
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    steps_planned: int
+
+
+class Stepper:
+    """Non-DP step: sums per-sample loss gradients over micro-batches, all-reduces across
+    ranks and averages over the global batch, then takes one optimizer step."""
+
+    dp = False
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int):
+        self.module, self.optimizer, self.world_size = model, optimizer, world_size
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._count = 0
+
+    @property
+    def network(self) -> nn.Module:
+        return self.module
+
+    def backward(self, per_sample_loss: torch.Tensor) -> None:
+        per_sample_loss.sum().backward()
+        self._count += len(per_sample_loss)
+
+    def empty_microbatch(self) -> None:
+        pass
+
+    def microbatch_done(self, last: bool) -> None:
+        if not last:
+            return
+        count = torch.tensor(float(self._count))
+        if self.world_size > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            dist.all_reduce(count)
+        if count.item() > 0:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad /= count.item()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._count = 0
+
+    # Non-DP runs report no epsilon.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class DPStepper(Stepper):
+    """DP-SGD step on upstream Opacus: per-sample gradients (GradSampleModule), clipping,
+    noise and accounting (DPOptimizer + accountant). Micro-batches accumulate clipped
+    per-sample gradients; noise is added once per logical step."""
+
+    dp = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int, *,
+                 noise_multiplier: float, max_grad_norm: float, sample_rate: float, n_train: int,
+                 accountant: str, grad_sample_mode: str, noise_seed: Optional[int] = None):
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ValueError(f"model is not DP-compatible: {errors[0]}")
+        gsm = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction="sum")
+        super().__init__(gsm, optimizer, world_size)
+        cls = DistributedDPOptimizer if world_size > 1 else DPOptimizer
+        # loss_reduction="mean" divides the noisy sum by expected_batch_size on each rank;
+        # the distributed optimizer then sums over ranks and divides by world size, so the
+        # update is (sum of clipped grads + noise) / (q * n_train) in both cases.
+        self.optimizer = cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                             expected_batch_size=sample_rate * n_train / world_size, loss_reduction="mean")
+        self.accountant = create_accountant(accountant)
+        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        self.sample_rate, self.noise_multiplier = sample_rate, noise_multiplier
+        self._noise_seed = noise_seed
+
+    @property
+    def network(self) -> nn.Module:
+        return self.module._module  # the plain model, for evaluation and checkpoints
+
+    def seed_noise(self, *stream: int) -> None:
+        """Reproducible noise per (seed, epoch, rank); only rank 0's noise is used."""
+        if self._noise_seed is not None:
+            g = torch.Generator(device=self.params[0].device)
+            g.manual_seed(int(_rng(self._noise_seed, 3, *stream).integers(2**62)))
+            self.optimizer.generator = g
+
+    def backward(self, per_sample_loss: torch.Tensor) -> None:
+        per_sample_loss.sum().backward()
+
+    def empty_microbatch(self) -> None:
+        # An empty Poisson batch is still a step: noise is added and the accountant counts
+        # it. MONAI's GroupNorm cannot run a batch of 0, so skip the forward and hand
+        # Opacus zero per-sample gradients for a batch of size 0.
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+
+    def microbatch_done(self, last: bool) -> None:
+        # Opacus's virtual-step protocol (as BatchMemoryManager uses it): non-final
+        # micro-batches only clip and accumulate; the final one adds noise, counts the
+        # step and, with several ranks, all-reduces. Every rank calls the final step once
+        # per sampling event, so the all-reduce never desyncs.
+        self.optimizer.signal_skip_step(do_skip=not last)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.accountant.history)
+
+    def epsilon(self, delta: float) -> float:
+        if not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(delta=delta))
+
+    def state_dict(self) -> dict:
+        # Plain lists of (sigma, q, steps) so torch.load(weights_only=True) can read it back.
+        return {"mechanism": self.accountant.mechanism(),
+                "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if state["mechanism"] != self.accountant.mechanism():
+            raise ValueError(f"checkpoint was accounted with {state['mechanism']}, "
+                             f"this run uses {self.accountant.mechanism()}")
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
