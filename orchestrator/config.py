@@ -44,7 +44,7 @@ class DataConfig(_Strict):
                               description="names of the columns of each sample's `labels`, stored order")
     shape: tuple[int, int, int] = Field((13, 48, 48), description="expected (D, H, W) of every sample")
     allow_pickle: bool = Field(False, description="read `.npy` samples holding a pickled dict (trusted data only)")
-    private: bool = Field(True, description="private data is only trained on with DP; public data costs no budget")
+    private: bool = Field(True, description="true: DP stages account for this data, non-DP stages on it are tagged not private; false: public, costs no budget")
     synthesize: Optional[SynthesizeConfig] = Field(None, description="make a phantom dataset at `root` if absent")
 
     @model_validator(mode="after")
@@ -198,9 +198,9 @@ class StageConfig(_Strict):
     init_from: Optional[str] = Field(None, description="stage whose selected weights initialise this one")
     data: Optional[dict[str, Any]] = Field(None, description="overrides of the top-level `data` for this stage")
     model: ModelConfig = Field(default_factory=BetaVAEConfig, description="the model family and its size")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    dp: DPConfig = Field(default_factory=DPConfig)
-    search: SearchConfig = Field(default_factory=SearchConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
+    dp: DPConfig = Field(default_factory=DPConfig, description="DP-SGD settings")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="what Tune varies")
 
     @model_validator(mode="after")
     def _check(self):
@@ -213,11 +213,11 @@ class SweepConfig(_Strict):
     """A whole study."""
     name: str = Field(..., min_length=1, description="MLflow experiment name and Ray run name")
     output: str = Field("runs/demo", description="holds mlflow.db, Ray results and checkpoints (relative: to the working directory)")
-    data: DataConfig = Field(default_factory=DataConfig)
-    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    stages: list[StageConfig] = Field(..., min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig, description="the dataset every stage uses unless it overrides it")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="delta and accountant")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="where trials run")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow store")
+    stages: list[StageConfig] = Field(..., min_length=1, description="the stages, run in `needs` order")
 
     # Set by load_sweep: the folder relative paths are resolved against.
     base_dir: Path = Field(default=Path("."), exclude=True)

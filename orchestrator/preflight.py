@@ -38,7 +38,7 @@ def _materialise(cfg: SweepConfig, stage: StageConfig, cache_dir: Path) -> tuple
 
 def _trial_variants(stage: StageConfig, limit: int = 64):
     """The stage config under each combination of searched values (bounded)."""
-    base = stage.model_dump()
+    base = stage.model_dump(exclude={"search"})
     specs = stage.search.parameters
     for combo in itertools.islice(itertools.product(*[s.candidates() for s in specs.values()]), limit):
         trial = copy.deepcopy(base)

@@ -62,16 +62,20 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
     stage_dict = stage.model_dump(exclude=STAGE_KEYS_NOT_TRAINED)
     meta = {**meta_base, "stage": stage.name, "data": plan.data.model_dump(), "run_prefix": name,
             "needs": upstream.get("needs"), "init_from": upstream.get("init_from")}
-    space = {"stage": build_param_space(stage_dict, stage.search), "meta": meta}
+    space = {"stage": build_param_space(stage_dict, stage.search)}
     extra = {"data.root": plan.data.root, "data.private": plan.data.private, "data.n_train": plan.n_train,
              "data.labels": ",".join(plan.data.labels), "data.shape": "x".join(map(str, plan.data.shape)),
              "cluster.workers_per_trial": meta_base["workers"]}
     for key in ("needs", "init_from"):
         if upstream.get(key):
             extra[f"upstream.{key}"] = upstream[key]
+    tags = {"orchestrator.private_data": str(plan.data.private).lower()}
+    if plan.data.private and not stage.dp.enabled:
+        print(f"[{stage.name}] note: trains on private data without DP; its weights are not private "
+              "(tagged orchestrator.private_data=true, orchestrator.dp=false)", flush=True)
     logger = MlflowTrialLogger(stage=stage.name, model=stage.model.kind, dp=stage.dp.enabled,
-                               extra_params=extra, **logger_args)
-    trainable = tune.with_resources(run_trial, {"cpu": DRIVER_CPUS})
+                               extra_tags=tags, extra_params=extra, **logger_args)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, meta=meta), {"cpu": DRIVER_CPUS})
     path = out / "ray_results" / name
     if resume and tune.Tuner.can_restore(str(path)):
         print(f"[{stage.name}] resuming the Tune experiment in {path}", flush=True)

@@ -97,12 +97,14 @@ class MlflowTrialLogger(tune.Callback):
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
+            stage_cfg = trial.config.get("stage", {})
+            dp = stage_cfg.get("dp", {}).get("enabled", self.dp)  # dp.enabled may itself be searched
+            model = stage_cfg.get("model", {}).get("kind", self.model)
             tags = {"mlflow.parentRunId": self.parent_run_id, ROLE: "trial", STAGE: self.stage,
-                    MODEL: self.model, DP: str(self.dp).lower(), TRIAL_KEY: key,
+                    MODEL: model, DP: str(bool(dp)).lower(), TRIAL_KEY: key,
                     "orchestrator.trial_id": trial.trial_id, **self.extra_tags}
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{self.stage}-{trial.trial_id}")
             run_id = run.info.run_id
-            stage_cfg = trial.config.get("stage", {})
             params = {k: _param_value(v) for k, v in flatten(stage_cfg).items()}
             params.update({k: _param_value(v) for k, v in self.extra_params.items()})
             self._log_params(run_id, params)

@@ -17,8 +17,10 @@ from trainers.loop import train_worker
 DRIVER_CPUS = 0.05  # the driver only waits on the trainer; Tune rejects a request of 0
 
 
-def run_trial(config: dict) -> None:
-    meta = config["meta"]
+def run_trial(config: dict, meta: dict) -> None:
+    """`config` = {"stage": the trial's stage config}; `meta` = what every trial of the
+    stage shares (data, privacy, cluster), bound with `tune.with_parameters` so it stays
+    out of Tune's trial tables and MLflow params."""
     trial_id = tune.get_context().get_trial_id()
     use_gpu = bool(meta["use_gpu"])
     resources = {"CPU": meta["cpus_per_worker"]}
@@ -26,7 +28,7 @@ def run_trial(config: dict) -> None:
         resources["GPU"] = meta.get("gpus_per_worker", 1)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=config,
+        train_loop_config={"stage": config["stage"], "meta": meta},
         scaling_config=ray.train.ScalingConfig(num_workers=meta["workers"], use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -1,0 +1,87 @@
+"""DP vs non-DP step time and peak memory, measured side by side in one run.
+
+    python -m benchmarks.dp_overhead [--quick] [--json FILE] [--threads N]
+
+For each model family and each per-sample gradient mode: the time of one optimizer step
+with DP-SGD (per-sample gradients, clipping, noise) over the time of the same step without
+DP, at equal physical batch, on the same process and inputs. Reported as a ratio because
+absolute times depend on the machine; the ratio is what DP costs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from models import build_adapter
+from orchestrator.config import BetaVAEConfig
+from trainers.privacy import DPStepper, Stepper
+
+FAMILIES = {"beta_vae": lambda: BetaVAEConfig(channels=[16, 32], latent_channels=3, norm_num_groups=8)}
+MODES = ["functorch", "hooks"]
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(stepper, adapter, batch, repeats: int) -> float:
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        loss, _ = adapter.per_sample_loss(stepper.module, batch)
+        stepper.backward(loss)
+        stepper.microbatch_done(last=True)
+        if i:  # the first step pays one-off costs (kernel selection, vmap tracing)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(family: str, shape, batch_size: int, repeats: int) -> list[dict]:
+    rows = []
+    batch = {"image": torch.rand(batch_size, 1, *shape)}
+    torch.manual_seed(0)
+    adapter = build_adapter(FAMILIES[family](), shape, 0)
+    base = time_steps(Stepper(adapter.network, torch.optim.Adam(adapter.network.parameters()), 1),
+                      adapter, batch, repeats)
+    for mode in MODES:
+        torch.manual_seed(0)
+        adapter = build_adapter(FAMILIES[family](), shape, 0)
+        opt = torch.optim.Adam(adapter.network.parameters())
+        stepper = DPStepper(adapter.network, opt, 1, noise_multiplier=1.0, max_grad_norm=1.0,
+                            sample_rate=0.01, n_train=100 * batch_size, accountant="prv",
+                            grad_sample_mode=mode)
+        dp = time_steps(stepper, adapter, batch, repeats)
+        rows.append({"family": family, "mode": mode, "shape": list(shape), "physical_batch": batch_size,
+                     "nondp_step_s": round(base, 4), "dp_step_s": round(dp, 4),
+                     "dp_over_nondp": round(dp / base, 2), "peak_mb": round(_peak_mb(), 1)})
+        print(f"{family:<10} {mode:<10} non-DP {base:.3f}s  DP {dp:.3f}s  ratio {dp / base:.2f}x  "
+              f"peak RSS {rows[-1]['peak_mb']:.0f} MB", flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shape, few repeats (minutes on 2 cores)")
+    p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 = one Ray worker's share)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shape, batch, repeats = ((13, 32, 32), 4, 3) if args.quick else ((13, 48, 48), 8, 5)
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s); shape {shape}, physical batch {batch}")
+    rows = []
+    for family in FAMILIES:
+        rows += measure(family, shape, batch, repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
