@@ -82,11 +82,20 @@ class ShuffleSampler:
             yield perm[s * self.batch_size:(s + 1) * self.batch_size][self.rank::self.world_size]
 
 
+MAX_NOISE_MULTIPLIER = 100.0
+
+
 def solve_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float,
                            steps: int, accountant: str) -> float:
     """sigma such that `steps` Poisson steps at rate q end at `target_epsilon`.
 
-    Raises ValueError when the target cannot be reached (Opacus gives up past sigma 1e6)."""
+    Raises ValueError when the target needs sigma > MAX_NOISE_MULTIPLIER: no model learns
+    under that much noise, and Opacus's own search (doubling up to 1e6) takes minutes to
+    say so."""
+    ceiling = create_accountant(accountant)
+    ceiling.history = [(MAX_NOISE_MULTIPLIER, sample_rate, steps)]
+    if ceiling.get_epsilon(delta=delta) > target_epsilon:
+        raise ValueError(f"target epsilon {target_epsilon} needs a noise multiplier above {MAX_NOISE_MULTIPLIER}")
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps, accountant=accountant,
                                       epsilon_tolerance=0.005))
