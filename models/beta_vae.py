@@ -61,3 +61,17 @@ class BetaVAE(Adapter):
         kl = 0.5 * (mu.pow(2) + var - torch.log(var + 1e-12) - 1).flatten(1).sum(1)
         loss = recon_loss + self.cfg.kl_weight * kl
         return loss, {"recon": recon_loss.detach(), "kl": kl.detach()}
+
+    # --- as the frozen compression model of a latent diffusion stage ----------------
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic latent (the posterior mean), [B, latent_channels, d, h, w]."""
+        mu, _, _ = self.network.encode(x)
+        return mu
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return self.network.decode(z, self.shape).clamp(0, 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        s = self.network.stride
+        return (self.cfg.latent_channels, *[-(-n // s) for n in self.shape])

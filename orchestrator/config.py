@@ -12,7 +12,7 @@ import difflib
 import itertools
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -99,7 +99,61 @@ class BetaVAEConfig(_Strict):
         return self
 
 
-ModelConfig = BetaVAEConfig  # issue 3 widens this to a discriminated union on `kind`
+class VQVAEConfig(_Strict):
+    """VQ-VAE on MONAI's VQVAE."""
+    kind: Literal["vq_vae"] = "vq_vae"
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="channels per level; each level after the first halves D, H, W")
+    num_res_layers: int = Field(1, ge=1, description="residual layers per level")
+    num_res_channels: Optional[list[int]] = Field(None, description="channels of the residual layers (default: `channels`)")
+    num_embeddings: int = Field(256, ge=2, description="codebook size")
+    embedding_dim: int = Field(4, ge=1, description="code (latent channel) dimension")
+    commitment_cost: float = Field(0.25, ge=0, description="weight of the commitment loss")
+    codebook: Literal["gradient", "ema"] = Field(
+        "gradient", description="`gradient`: codebook learned by its loss (DP-safe); `ema`: MONAI's EMA update (non-DP only)")
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="decay of the EMA codebook (codebook: ema)")
+    recon_loss: Literal["l1", "mse"] = Field("l1", description="reconstruction loss per voxel")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError("channels: expected a non-empty list of positive integers")
+        if self.num_res_channels is not None and len(self.num_res_channels) != len(self.channels):
+            raise ValueError("num_res_channels: expected one entry per level of `channels`")
+        return self
+
+
+class LDMConfig(_Strict):
+    """Label-conditioned (latent) diffusion model on MONAI's DiffusionModelUNet."""
+    kind: Literal["ldm"] = "ldm"
+    channels: list[int] = Field(default_factory=lambda: [32, 64], description="UNet channels per level")
+    attention_levels: Optional[list[bool]] = Field(None, description="levels with attention (default: all but the first)")
+    num_res_blocks: int = Field(1, ge=1, description="residual blocks per level")
+    num_head_channels: int = Field(8, ge=1, description="channels per attention head")
+    norm_num_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every entry of `channels`")
+    label_embedding_dim: int = Field(32, ge=1, description="size of each label's embedding (cross-attention context)")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="probability of dropping all labels of a sample (classifier-free guidance)")
+    num_train_timesteps: int = Field(1000, ge=2, description="DDPM steps")
+    beta_schedule: Literal["linear_beta", "scaled_linear_beta"] = Field("scaled_linear_beta", description="DDPM noise schedule")
+    beta_start: float = Field(0.0015, gt=0, description="first beta")
+    beta_end: float = Field(0.0195, gt=0, lt=1, description="last beta")
+    num_inference_steps: int = Field(50, ge=1, description="DDIM steps at sampling")
+    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance at sampling (1: none)")
+    scale_factor: Optional[float] = Field(None, gt=0, description="latent scale; null: 1.0 in DP mode or from public data")
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups: {self.norm_num_groups} must divide every channel count, not {bad}")
+        if self.attention_levels is not None and len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels: expected one entry per level of `channels`")
+        if self.beta_end <= self.beta_start:
+            raise ValueError("beta_end: expected beta_end > beta_start")
+        return self
+
+
+ModelConfig = Annotated[Union[BetaVAEConfig, VQVAEConfig, LDMConfig], Field(discriminator="kind")]
+FAMILY_CONFIGS: dict[str, type[BaseModel]] = {"beta_vae": BetaVAEConfig, "vq_vae": VQVAEConfig, "ldm": LDMConfig}
 
 
 class TrainConfig(_Strict):
@@ -111,6 +165,9 @@ class TrainConfig(_Strict):
     physical_batch_size: int = Field(8, ge=1, description="micro-batch actually run; memory depends on this only")
     seed: int = Field(0, description="seed of weights, sampling and noise")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap on steps per epoch (`--smoke-test` sets 2)")
+    finetune: Literal["all", "attention"] = Field(
+        "all", description="`attention`: train only attention and label-conditioning layers (DP-LDM style fine-tuning)")
+    sample_grid: int = Field(4, ge=0, description="generators: volumes drawn for the PNG grid logged at the end (0: none)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -206,6 +263,12 @@ class StageConfig(_Strict):
     def _check(self):
         if self.select is not None and self.needs is None:
             raise ValueError("select: only meaningful with `needs`")
+        if self.dp.enabled and self.model.kind == "vq_vae" and self.model.codebook == "ema":
+            # MONAI's EMA codebook is updated from raw encoder outputs outside clipping and noise.
+            raise ValueError("model.codebook: `ema` updates the codebook from private data outside DP-SGD; "
+                             "expected `gradient` when dp.enabled is true")
+        if self.train.finetune == "attention" and self.model.kind != "ldm":
+            raise ValueError(f"train.finetune: `attention` needs an ldm model, not {self.model.kind}")
         return self
 
 
@@ -237,6 +300,19 @@ class SweepConfig(_Strict):
                 if ref == s.name:
                     raise ValueError(f"stages[{s.name}].{key}: a stage cannot depend on itself")
         stage_order(self.stages)  # raises on cycles
+        by_name = {s.name: s for s in self.stages}
+        for s in self.stages:
+            if s.needs is not None:
+                up = by_name[s.needs]
+                if s.model.kind != "ldm":
+                    raise ValueError(f"stages[{s.name}].needs: only an ldm stage uses a compression model; "
+                                     f"this stage trains {s.model.kind}")
+                if up.model.kind not in ("beta_vae", "vq_vae"):
+                    raise ValueError(f"stages[{s.name}].needs: stage {up.name!r} trains {up.model.kind}; "
+                                     "expected a compression model (beta_vae or vq_vae)")
+            if s.init_from is not None and by_name[s.init_from].model.kind != s.model.kind:
+                raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} trains "
+                                 f"{by_name[s.init_from].model.kind}; expected the same model kind ({s.model.kind})")
         return self
 
     # --- resolved views -------------------------------------------------------------
@@ -350,10 +426,22 @@ def _loc_to_str(loc: tuple, raw: Any) -> str:
 
 def format_validation_error(err: ValidationError, raw: Any, root: type[BaseModel]) -> str:
     e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if p not in ("function-after", "BetaVAEConfig"))
+    loc, family = [], None
+    for part in e["loc"]:
+        # pydantic puts the union tag (`beta_vae`, ...) into the location; users never wrote it
+        if loc and loc[-1] == "model" and part in FAMILY_CONFIGS:
+            family = FAMILY_CONFIGS[part]
+            continue
+        if part != "function-after":
+            loc.append(part)
+    loc = tuple(loc)
     where = _loc_to_str(loc, raw)
+    if e["type"] == "union_tag_invalid":
+        return f"{where}.kind: unknown model kind; expected one of {', '.join(FAMILY_CONFIGS)}"
+    if e["type"] == "union_tag_not_found":
+        return f"{where}.kind: required key is missing; expected one of {', '.join(FAMILY_CONFIGS)}"
     if e["type"] == "extra_forbidden":
-        owner = _model_at(loc[:-1], root)
+        owner = family if (family is not None and loc[-2:-1] == ("model",)) else _model_at(loc[:-1], root)
         hint = _did_you_mean(str(loc[-1]), owner.model_fields) if owner is not None else ""
         return f"{where}: unknown key{hint}"
     if e["type"] == "missing":
@@ -444,6 +532,7 @@ def reference_markdown() -> str:
     sections = [("(top level)", SweepConfig), ("data", DataConfig), ("data.synthesize", SynthesizeConfig),
                 ("privacy", PrivacyConfig), ("cluster", ClusterConfig), ("tracking", TrackingConfig),
                 ("stages[]", StageConfig), ("stages[].model (kind: beta_vae)", BetaVAEConfig),
+                ("stages[].model (kind: vq_vae)", VQVAEConfig), ("stages[].model (kind: ldm)", LDMConfig),
                 ("stages[].train", TrainConfig), ("stages[].dp", DPConfig), ("stages[].search", SearchConfig),
                 ("stages[].search.parameters.<path>", ParamSpec)]
     lines = []

@@ -55,13 +55,23 @@ def _trial_rows(grid, metric: str) -> list[dict]:
     return rows
 
 
+def public_scale_data(plans: dict[str, StagePlan], stage) -> dict | None:
+    """Public data to compute an LDM's latent scale from: its own data if public, else its
+    compression stage's data if public; None means no public data is at hand."""
+    for name in (stage.name, stage.needs):
+        if name and not plans[name].data.private:
+            return plans[name].data.model_dump()
+    return None
+
+
 def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: dict, name: str,
               resume: bool, max_concurrent: int, upstream: dict) -> list[dict]:
     stage = plan.stage
     out = cfg.output_dir
     stage_dict = stage.model_dump(exclude=STAGE_KEYS_NOT_TRAINED)
     meta = {**meta_base, "stage": stage.name, "data": plan.data.model_dump(), "run_prefix": name,
-            "needs": upstream.get("needs"), "init_from": upstream.get("init_from")}
+            "needs": upstream.get("needs"), "init_from": upstream.get("init_from"),
+            "scale_data": upstream.get("scale_data")}
     space = {"stage": build_param_space(stage_dict, stage.search)}
     extra = {"data.root": plan.data.root, "data.private": plan.data.private, "data.n_train": plan.n_train,
              "data.labels": ",".join(plan.data.labels), "data.shape": "x".join(map(str, plan.data.shape)),
@@ -90,7 +100,32 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
             run_config=tune.RunConfig(name=name, storage_path=str(out / "ray_results"), callbacks=[logger],
                                       verbose=1),
         )
-    return _trial_rows(tuner.fit(), stage.search.metric)
+    grid = _fit_noting_interrupts(tuner)
+    return _trial_rows(grid, stage.search.metric)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _fit_noting_interrupts(tuner):
+    """Tune catches Ctrl-C itself: it saves its state, stops the trials and returns as if
+    the sweep had ended. The stage must then not be recorded as finished. Tune puts back
+    the SIGINT handler it found only when it caught the signal, which is how we tell."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    try:
+        grid = tuner.fit()
+        interrupted = signal.getsignal(signal.SIGINT) is _interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted or len(grid) > grid.num_terminated + grid.num_errors:
+        raise KeyboardInterrupt
+    return grid
 
 
 def _select(rows: list[dict], how: str, mode: str) -> list[dict]:
@@ -166,7 +201,8 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
             name = f"{cfg.name}-{stage.name}"
             if stage.select == "each" and up is not None:
                 name += f"-{up['trial_id']}"
-            upstream = {"needs": up["checkpoint"] if up else None, "init_from": init}
+            upstream = {"needs": up["checkpoint"] if up else None, "init_from": init,
+                        "scale_data": public_scale_data(plans, stage)}
             rows += run_stage(cfg, plans[stage.name], meta_base, logger_args, name, args.resume,
                               max_concurrent, upstream)
         results[stage.name] = rows

@@ -25,7 +25,8 @@ from orchestrator.config import flatten
 
 ROLE, STAGE, MODEL, DP = "orchestrator.role", "orchestrator.stage", "orchestrator.model", "orchestrator.dp"
 TRIAL_KEY = "orchestrator.trial_key"
-PARAM_LIMIT = 6000  # MLflow's cap on a param value's length
+PARAM_LIMIT = 6000
+ARTIFACTS = ("samples.png",)  # files a trial leaves in its checkpoint for the driver to log  # MLflow's cap on a param value's length
 
 
 def default_uri(output_dir: Path) -> str:
@@ -131,13 +132,20 @@ class MlflowTrialLogger(tune.Callback):
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
                    if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)
                    and math.isfinite(float(v))]
+        # Facts known only inside the trial (the sigma solved from a target epsilon, the
+        # latent scale and where it came from) arrive with the results; they are params.
         params = {k: _param_value(v) for k, v in result.items() if k.startswith("privacy.")}
+        params.update({k[len("param."):]: _param_value(v) for k, v in result.items() if k.startswith("param.")})
         if params:
             self._log_params(run_id, params)
         for i in range(0, len(metrics), 500):
             self.client.log_batch(run_id, metrics=metrics[i:i + 500])
         if result.get("checkpoint_path"):
-            self.client.set_tag(run_id, "orchestrator.checkpoint", str(result["checkpoint_path"]))
+            ckpt = str(result["checkpoint_path"])
+            self.client.set_tag(run_id, "orchestrator.checkpoint", ckpt)
+            for name in ARTIFACTS:
+                if (Path(ckpt) / name).exists():
+                    self.client.log_artifact(run_id, str(Path(ckpt) / name))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.client.set_terminated(self.run_id(trial), status="FINISHED")

@@ -84,3 +84,59 @@ def test_two_trials_two_workers_dp_sweep_lands_in_mlflow(tmp_path):
         assert run.data.metrics["privacy/epsilon"] == pytest.approx(
             independent_epsilon(sigma, q, steps, 1e-3, "rdp"), rel=0.01)
     assert sigmas == {0.8, 1.5}
+
+
+def _finished_trials(db: Path) -> int:
+    if not db.exists():
+        return 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("e2e")
+    if exp is None:
+        return 0
+    return len(client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED' "
+                                  "and tags.`orchestrator.role` = 'trial'"))
+
+
+def test_interrupted_launch_resumes_without_rerunning_or_duplicating(tmp_path):
+    """Ctrl-C after the first trial finished, then --resume: the finished trial is kept
+    (not rerun), the other completes, and MLflow holds exactly one run per trial."""
+    import signal
+    import time
+
+    sweep = write_sweep(tmp_path, dp={"enabled": False},
+                        search={"method": "grid", "metric": "val/loss", "mode": "min",
+                                "parameters": {"model.latent_channels": {"values": [2, 3]}}})
+    raw = yaml.safe_load(sweep.read_text())
+    raw["cluster"] = {"workers_per_trial": 1, "max_concurrent_trials": 1}
+    raw["stages"][0]["train"]["epochs"] = 3
+    sweep.write_text(yaml.safe_dump(raw))
+    db = tmp_path / "runs/e2e/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(sweep)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while _finished_trials(db) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+    assert proc.poll() is None, "the launch finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "--resume" in out, out[-2000:]
+    assert _finished_trials(db) == 1
+
+    # Without --resume the unfinished output folder is refused, with one line.
+    again = subprocess.run([sys.executable, "-m", "orchestrator.launch", str(sweep)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    launch(tmp_path, sweep, "--resume")
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("orchestrator.role") == "sweep"]) == 1
+    trials = [r for r in runs if r.data.tags.get("orchestrator.role") == "trial"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    for run in trials:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        assert sorted(set(steps)) == [1, 2, 3]
+    # the trial finished before the interrupt was not trained again
+    first = min(trials, key=lambda r: r.info.start_time)
+    assert len(client.get_metric_history(first.info.run_id, "val/loss")) == 3

@@ -24,13 +24,13 @@ import torch.distributed as dist
 import ray.train
 import ray.train.torch
 
-from models import build_adapter
+from models import GENERATOR_FAMILIES, build_adapter
 from orchestrator.config import DataConfig, StageConfig
+from trainers.checkpoints import CHECKPOINT_FILE, adapter_from_record, compression_record, load_state
 from trainers.data import VolumeDataset, validate_dataset
+from trainers.generators import freeze_all_but_attention, resolve_latent_scale, write_sample_grid
 from trainers.privacy import (DPStepper, PoissonSampler, PrivacyFacts, ShuffleSampler, Stepper,
                               solve_noise_multiplier, steps_per_epoch)
-
-CHECKPOINT_FILE = "state.pt"
 
 
 def _collate(dataset, indices, device):
@@ -97,15 +97,39 @@ def train_worker(config: dict) -> None:
                              allow_pickle=data_cfg.allow_pickle, cache_dir=meta.get("cache_dir"))
     train_set = VolumeDataset(index.splits["training"], len(data_cfg.labels), allow_pickle=data_cfg.allow_pickle)
     val_set = VolumeDataset(index.splits["validation"], len(data_cfg.labels), allow_pickle=data_cfg.allow_pickle)
+    test_set = VolumeDataset(index.splits["testing"], len(data_cfg.labels), allow_pickle=data_cfg.allow_pickle,
+                             preload=False)
     n_train = len(train_set)
 
+    # A latent diffusion stage trains on the frozen compression model its `needs` stage
+    # selected; everything the released generator depends on goes into its checkpoint.
+    compression, extra_state, params = None, {}, {}
+    resuming = ray.train.get_checkpoint() is not None
+    init_state = load_state(meta["init_from"], device) if meta.get("init_from") else None
+    if meta.get("needs"):
+        compression = adapter_from_record(load_state(meta["needs"], device), device)
+        extra_state["compression"] = compression_record(compression)
+        params["upstream.needs_checkpoint"] = meta["needs"]
+    scale, source = resolve_latent_scale(stage, compression, meta, device, init_state)
+    if stage.model.kind in GENERATOR_FAMILIES:
+        extra_state.update(scale_factor=scale, scale_source=source)
+        params.update({"latent.scale_factor": scale, "latent.scale_source": source})
+
     torch.manual_seed(stage.train.seed)  # identical initial weights on every rank
-    adapter = build_adapter(stage.model, tuple(data_cfg.shape), len(data_cfg.labels))
+    adapter = build_adapter(stage.model, tuple(data_cfg.shape), len(data_cfg.labels),
+                            compression=compression, scale_factor=scale)
     model = adapter.network.to(device)
+    if init_state is not None and not resuming:
+        model.load_state_dict(init_state["model"])
+        params["upstream.init_from_checkpoint"] = meta["init_from"]
+    if stage.train.finetune == "attention":
+        trainable = freeze_all_but_attention(model)
+        params["train.trainable_parameters"] = trainable
     if world > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
-    base_opt = torch.optim.Adam(model.parameters(), lr=stage.train.lr, weight_decay=stage.train.weight_decay)
+    base_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=stage.train.lr,
+                                weight_decay=stage.train.weight_decay)
 
     facts = None
     if stage.dp.enabled:
@@ -163,6 +187,7 @@ def train_worker(config: dict) -> None:
         elapsed = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, **train_metrics, **{f"val/{k}": v for k, v in val.items()},
                    "time/epoch_s": elapsed, "perf/samples_per_s": totals[-1] / max(elapsed, 1e-9)}
+        metrics.update({f"param.{k}": v for k, v in params.items()})
         if facts is not None:
             metrics.update({"privacy/epsilon": stepper.epsilon(facts.delta), "privacy/steps": stepper.steps,
                             "privacy.noise_multiplier": facts.noise_multiplier,
@@ -179,8 +204,12 @@ def train_worker(config: dict) -> None:
                             "accountant": stepper.state_dict(), "epoch": epoch + 1,
                             "family": stage.model.kind, "model_config": stage.model.model_dump(),
                             "shape": list(data_cfg.shape), "labels": list(data_cfg.labels),
-                            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+                            "metrics": {k: v for k, v in metrics.items()
+                                        if isinstance(v, (int, float)) and "/" in k}, **extra_state},
                            os.path.join(tmp, CHECKPOINT_FILE))
+                if epoch + 1 == stage.train.epochs and hasattr(adapter, "sample") and stage.train.sample_grid:
+                    write_sample_grid(adapter, test_set, stage.train.sample_grid, os.path.join(tmp, "samples.png"),
+                                      show_real=not data_cfg.private or not stage.dp.enabled)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
