@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import resource
 import statistics
@@ -19,10 +20,28 @@ import time
 import torch
 
 from models import build_adapter
-from orchestrator.config import BetaVAEConfig
+from orchestrator.config import BetaVAEConfig, LDMConfig, VQVAEConfig
 from trainers.privacy import DPStepper, Stepper
 
-FAMILIES = {"beta_vae": lambda: BetaVAEConfig(channels=[16, 32], latent_channels=3, norm_num_groups=8)}
+N_LABELS = 6
+
+
+def _ldm(shape):
+    # the LDM trains in the latent space of a (frozen) beta-VAE, as in the two-stage study
+    compression = build_adapter(BetaVAEConfig(channels=[16, 32], latent_channels=3, norm_num_groups=8), shape, 0)
+    for p in compression.network.parameters():
+        p.requires_grad_(False)
+    return build_adapter(LDMConfig(channels=[32, 64], num_head_channels=16, label_embedding_dim=32), shape,
+                         N_LABELS, compression=compression)
+
+
+FAMILIES = {
+    "beta_vae": lambda shape: build_adapter(BetaVAEConfig(channels=[16, 32], latent_channels=3, norm_num_groups=8),
+                                            shape, N_LABELS),
+    "vq_vae": lambda shape: build_adapter(VQVAEConfig(channels=[16, 32], num_embeddings=256, embedding_dim=4),
+                                          shape, N_LABELS),
+    "ldm": _ldm,
+}
 MODES = ["functorch", "hooks"]
 
 
@@ -42,26 +61,36 @@ def time_steps(stepper, adapter, batch, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(family: str, shape, batch_size: int, repeats: int) -> list[dict]:
-    rows = []
-    batch = {"image": torch.rand(batch_size, 1, *shape)}
+def _one(family: str, mode, shape, batch_size: int, repeats: int, threads: int) -> tuple[float, float]:
+    """Step time and peak RSS of one configuration, in a fresh process (so peaks don't mix)."""
+    torch.set_num_threads(threads)
+    batch = {"image": torch.rand(batch_size, 1, *shape), "labels": torch.rand(batch_size, N_LABELS) * 100,
+             "label_mask": torch.rand(batch_size, N_LABELS) > 0.2}
     torch.manual_seed(0)
-    adapter = build_adapter(FAMILIES[family](), shape, 0)
-    base = time_steps(Stepper(adapter.network, torch.optim.Adam(adapter.network.parameters()), 1),
-                      adapter, batch, repeats)
+    adapter = FAMILIES[family](shape)
+    opt = torch.optim.Adam([p for p in adapter.network.parameters() if p.requires_grad])
+    if mode is None:
+        stepper = Stepper(adapter.network, opt, 1)
+    else:
+        stepper = DPStepper(adapter.network, opt, 1, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01,
+                            n_train=100 * batch_size, accountant="prv", grad_sample_mode=mode)
+    return time_steps(stepper, adapter, batch, repeats), _peak_mb()
+
+
+def measure(family: str, shape, batch_size: int, repeats: int, threads: int) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        base, base_mb = pool.apply(_one, (family, None, shape, batch_size, repeats, threads))
+    rows = []
     for mode in MODES:
-        torch.manual_seed(0)
-        adapter = build_adapter(FAMILIES[family](), shape, 0)
-        opt = torch.optim.Adam(adapter.network.parameters())
-        stepper = DPStepper(adapter.network, opt, 1, noise_multiplier=1.0, max_grad_norm=1.0,
-                            sample_rate=0.01, n_train=100 * batch_size, accountant="prv",
-                            grad_sample_mode=mode)
-        dp = time_steps(stepper, adapter, batch, repeats)
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            dp, dp_mb = pool.apply(_one, (family, mode, shape, batch_size, repeats, threads))
         rows.append({"family": family, "mode": mode, "shape": list(shape), "physical_batch": batch_size,
                      "nondp_step_s": round(base, 4), "dp_step_s": round(dp, 4),
-                     "dp_over_nondp": round(dp / base, 2), "peak_mb": round(_peak_mb(), 1)})
+                     "dp_over_nondp": round(dp / base, 2), "peak_mb": round(dp_mb, 1),
+                     "nondp_peak_mb": round(base_mb, 1)})
         print(f"{family:<10} {mode:<10} non-DP {base:.3f}s  DP {dp:.3f}s  ratio {dp / base:.2f}x  "
-              f"peak RSS {rows[-1]['peak_mb']:.0f} MB", flush=True)
+              f"peak RSS {dp_mb:.0f} MB (non-DP {base_mb:.0f} MB)", flush=True)
     return rows
 
 
@@ -71,13 +100,12 @@ def main(argv=None):
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 = one Ray worker's share)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     shape, batch, repeats = ((13, 32, 32), 4, 3) if args.quick else ((13, 48, 48), 8, 5)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s); shape {shape}, physical batch {batch}")
     rows = []
     for family in FAMILIES:
-        rows += measure(family, shape, batch, repeats)
+        rows += measure(family, shape, batch, repeats, args.threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,9 +1,9 @@
 """beta-VAE for 3D volumes on MONAI's AutoencoderKL (Kingma & Welling 2014; Higgins et al.
 2017 for the beta weight; the KL-autoencoder of Rombach et al. 2022 that MONAI implements).
 
-No adversarial or perceptual term here: the reference code trained a PatchGAN
-discriminator on the private images outside DP and fed it into this loss, which leaks
-private data around DP-SGD. The loss below is reconstruction + beta * KL, per sample.
+The loss is reconstruction + beta * KL per sample, plus optional perceptual (a local
+TorchScript feature network) and adversarial terms (non-DP only; see models/extra_losses.py:
+the reference code's non-private discriminator leaked private data around DP-SGD).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 from monai.networks.nets import AutoencoderKL
 
 from models.base import Adapter, crop_to, pad_to_multiple
+from models.extra_losses import AdversarialTerm, PerceptualTerm
 
 
 class PaddedAutoencoderKL(nn.Module):
@@ -50,6 +51,11 @@ class BetaVAE(Adapter):
 
     def build(self) -> nn.Module:
         c = self.cfg
+        self.perceptual = PerceptualTerm(c.perceptual_network) if c.perceptual_weight > 0 else None
+        self.adversarial = (AdversarialTerm(c.discriminator_channels, c.discriminator_layers, c.discriminator_lr)
+                            if c.adversarial_weight > 0 else None)
+        self.components = ("recon", "kl") + (("perceptual",) if self.perceptual else ()) + \
+            (("adversarial",) if self.adversarial else ())
         return PaddedAutoencoderKL(c.channels, c.latent_channels, c.num_res_blocks, c.norm_num_groups)
 
     def per_sample_loss(self, net, batch):
@@ -60,7 +66,30 @@ class BetaVAE(Adapter):
         var = sigma.pow(2)
         kl = 0.5 * (mu.pow(2) + var - torch.log(var + 1e-12) - 1).flatten(1).sum(1)
         loss = recon_loss + self.cfg.kl_weight * kl
-        return loss, {"recon": recon_loss.detach(), "kl": kl.detach()}
+        parts = {"recon": recon_loss.detach(), "kl": kl.detach()}
+        if self.perceptual is not None:
+            perc = self.perceptual(x, recon)
+            loss = loss + self.cfg.perceptual_weight * perc
+            parts["perceptual"] = perc.detach()
+        if self.adversarial is not None and net.training:
+            adv = self.adversarial.generator_loss(x, recon)
+            loss = loss + self.cfg.adversarial_weight * adv
+            parts["adversarial"] = adv.detach()
+        elif self.adversarial is not None:
+            parts["adversarial"] = torch.zeros_like(loss).detach()
+        return loss, parts
+
+    # --- the loop calls these once per optimizer step / checkpoint -------------------
+    def after_step(self, world_size: int) -> None:
+        if self.adversarial is not None:
+            self.adversarial.discriminator_step(world_size)
+
+    def aux_state(self) -> dict:
+        return {"adversarial": self.adversarial.state_dict()} if self.adversarial is not None else {}
+
+    def load_aux_state(self, state: dict) -> None:
+        if self.adversarial is not None and state.get("adversarial"):
+            self.adversarial.load_state_dict(state["adversarial"])
 
     # --- as the frozen compression model of a latent diffusion stage ----------------
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:

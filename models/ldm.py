@@ -183,20 +183,31 @@ class LDM(Adapter):
         return x.clamp(0, 1)
 
     # -- training -----------------------------------------------------------------------
+    # Noise multiplicity K (dp.noise_multiplicity): each sample's loss is the mean over K
+    # timestep/noise draws. The K draws run as K rows of the batch, so Opacus computes one
+    # gradient per row; trainers/privacy.py sums each sample's K rows before clipping
+    # (`rows_per_sample`), which gives the per-sample gradient of this mean, clipped once.
+    noise_multiplicity: int = 1
+    rows_per_sample: int = 1
+
     def per_sample_loss(self, net, batch):
         x = batch["image"]
         z, _ = self.to_diffusion(x)
         b = z.shape[0]
         labels = batch["labels"].to(device=z.device, dtype=z.dtype)
         mask = batch["label_mask"].to(device=z.device, dtype=torch.bool)
-        # Per-sample randomness: a timestep, a noise draw and a label-dropout coin each.
-        t = torch.randint(0, self.cfg.num_train_timesteps, (b,), device=z.device)
+        k = self.noise_multiplicity if net.training else 1
+        self.rows_per_sample = k
+        if k > 1:  # sample-major rows: sample i owns rows i*k .. i*k + k - 1
+            z, labels, mask = (v.repeat_interleave(k, 0) for v in (z, labels, mask))
+        # Per-row randomness: a timestep, a noise draw and a label-dropout coin each.
+        t = torch.randint(0, self.cfg.num_train_timesteps, (b * k,), device=z.device)
         noise = torch.randn_like(z)
-        drop = torch.rand(b, device=z.device) < self.cfg.label_dropout
+        drop = torch.rand(b * k, device=z.device) < self.cfg.label_dropout
         noisy = self.train_scheduler.add_noise(z, noise, t)
         pred = net(noisy, t, labels, mask, drop)
         loss = (pred - noise).pow(2).flatten(1).mean(1)
-        return loss, {}
+        return loss.view(b, k).mean(1), {}
 
     # -- sampling -----------------------------------------------------------------------
     def _prepare_labels(self, labels, label_mask, n):

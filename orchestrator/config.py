@@ -88,11 +88,20 @@ class BetaVAEConfig(_Strict):
     norm_num_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every entry of `channels`")
     kl_weight: float = Field(1e-6, ge=0, description="beta: weight of the KL term")
     recon_loss: Literal["l1", "mse"] = Field("l1", description="reconstruction loss per voxel")
+    perceptual_weight: float = Field(0.0, ge=0, description="weight of the perceptual loss (needs `perceptual_network`)")
+    perceptual_network: Optional[str] = Field(None, description="local TorchScript feature network for the perceptual loss")
+    adversarial_weight: float = Field(0.0, ge=0, description="weight of the PatchGAN adversarial loss (non-DP stages only)")
+    discriminator_channels: int = Field(16, ge=1, description="PatchGAN discriminator width")
+    discriminator_layers: int = Field(2, ge=1, description="PatchGAN discriminator depth")
+    discriminator_lr: float = Field(1e-4, gt=0, description="discriminator learning rate")
 
     @model_validator(mode="after")
     def _check(self):
         if not self.channels or any(c < 1 for c in self.channels):
             raise ValueError("channels: expected a non-empty list of positive integers")
+        if self.perceptual_weight > 0 and not self.perceptual_network:
+            raise ValueError("perceptual_network: perceptual_weight > 0 needs a local TorchScript feature network "
+                             "path (nothing is downloaded at run time)")
         bad = [c for c in self.channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups: {self.norm_num_groups} must divide every channel count, not {bad}")
@@ -168,6 +177,7 @@ class TrainConfig(_Strict):
     finetune: Literal["all", "attention"] = Field(
         "all", description="`attention`: train only attention and label-conditioning layers (DP-LDM style fine-tuning)")
     sample_grid: int = Field(4, ge=0, description="generators: volumes drawn for the PNG grid logged at the end (0: none)")
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an EMA of the weights (sampling uses it); null: off")
 
     @model_validator(mode="after")
     def _check(self):
@@ -185,6 +195,7 @@ class DPConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping bound C")
     grad_sample_mode: Literal["functorch", "hooks"] = Field(
         "functorch", description="how Opacus computes per-sample gradients")
+    noise_multiplicity: int = Field(1, ge=1, description="ldm: timestep/noise draws averaged per sample before clipping")
 
     @model_validator(mode="after")
     def _check(self):
@@ -267,6 +278,12 @@ class StageConfig(_Strict):
             # MONAI's EMA codebook is updated from raw encoder outputs outside clipping and noise.
             raise ValueError("model.codebook: `ema` updates the codebook from private data outside DP-SGD; "
                              "expected `gradient` when dp.enabled is true")
+        if self.dp.enabled and getattr(self.model, "adversarial_weight", 0) > 0:
+            raise ValueError("model.adversarial_weight: the discriminator would learn from the private images outside "
+                             "DP-SGD and feed the generator's loss; expected 0 when dp.enabled is true")
+        if self.dp.noise_multiplicity > 1 and self.model.kind != "ldm":
+            raise ValueError(f"dp.noise_multiplicity: only diffusion models (ldm) draw noise per sample; "
+                             f"expected 1 for {self.model.kind}")
         if self.train.finetune == "attention" and self.model.kind != "ldm":
             raise ValueError(f"train.finetune: `attention` needs an ldm model, not {self.model.kind}")
         return self

@@ -64,6 +64,17 @@ def check_privacy_plan(cfg: SweepConfig, stage: StageConfig, data: DataConfig, n
                               f"batch_size {variant.train.batch_size} of {n_train} samples over "
                               f"{variant.train.epochs} epochs; raise target_epsilon or batch size, or train fewer epochs")
 
+def check_model_files(cfg: SweepConfig, stage: StageConfig) -> None:
+    """Local files a model needs exist (and are made absolute: Ray workers run elsewhere)."""
+    path = getattr(stage.model, "perceptual_network", None)
+    if path:
+        resolved = cfg.resolve(path)
+        if not resolved.is_file():
+            raise ConfigError(f"stages[{stage.name}].model.perceptual_network: {resolved} does not exist; expected a "
+                              "local TorchScript feature network (nothing is downloaded at run time)")
+        stage.model.perceptual_network = str(resolved)
+
+
 def preflight(cfg: SweepConfig) -> dict[str, StagePlan]:
     from orchestrator.config import stage_order
 
@@ -71,6 +82,7 @@ def preflight(cfg: SweepConfig) -> dict[str, StagePlan]:
     plans = {}
     for stage in stage_order(cfg.stages):
         data, n_train = _materialise(cfg, stage, cache_dir)
+        check_model_files(cfg, stage)
         check_privacy_plan(cfg, stage, data, n_train)
         plans[stage.name] = StagePlan(stage=stage, data=data, n_train=n_train)
     return plans

@@ -87,7 +87,9 @@ def test_two_trials_two_workers_dp_sweep_lands_in_mlflow(tmp_path):
 
 
 def _finished_trials(db: Path) -> int:
-    if not db.exists():
+    # launch.json appears once the launch has created the store; opening it earlier races
+    # the launch's own schema migration
+    if not (db.parent / "launch.json").exists():
         return 0
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("e2e")

@@ -33,6 +33,28 @@ from trainers.privacy import (DPStepper, PoissonSampler, PrivacyFacts, ShuffleSa
                               solve_noise_multiplier, steps_per_epoch)
 
 
+class WeightEMA:
+    """Exponential moving average of the weights (buffers copied), for sampling."""
+
+    def __init__(self, net: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module) -> None:
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return self.shadow
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = {k: v.clone() for k, v in state.items()}
+
+
 def _collate(dataset, indices, device):
     items = [dataset[int(i)] for i in indices]
     return {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "labels", "label_mask")}
@@ -143,6 +165,11 @@ def train_worker(config: dict) -> None:
         stepper = Stepper(model, base_opt, world)
         sampler = ShuffleSampler(n_train, stage.train.batch_size, rank, world, stage.train.seed)
 
+    if hasattr(adapter, "noise_multiplicity"):
+        adapter.noise_multiplicity = stage.dp.noise_multiplicity if stage.dp.enabled else 1
+    # EMA of the weights is post-processing of DP-SGD's outputs: free in privacy terms.
+    ema = WeightEMA(stepper.network, stage.train.ema_decay) if stage.train.ema_decay else None
+
     start_epoch = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -151,10 +178,25 @@ def train_worker(config: dict) -> None:
         stepper.network.load_state_dict(state["model"])
         base_opt.load_state_dict(state["optimizer"])
         stepper.load_state_dict(state["accountant"])
+        if hasattr(adapter, "load_aux_state"):
+            adapter.load_aux_state(state.get("aux", {}))
+        if ema is not None and state.get("ema_model"):
+            ema.load_state_dict(state["ema_model"])
         start_epoch = int(state["epoch"])
         if rank == 0:
             print(f"[{meta['stage']}] resumed from epoch {start_epoch}"
                   + (f", {stepper.steps} DP steps already accounted" if stepper.dp else ""), flush=True)
+
+    if stepper.dp:
+        # Noise added after the last checkpoint by a worker group that then died is still
+        # counted (see DPStepper.attach_ledger); the ledger lives beside the run's checkpoints.
+        ledger = Path(meta["storage_path"]) / ctx.get_experiment_name() / "noise_ledger.txt"
+        recovered = stepper.count_ledger(ledger)
+        if recovered and rank == 0:
+            print(f"[{meta['stage']}] {recovered} noise additions after the last checkpoint were lost with "
+                  f"the failed workers; they stay in the privacy account", flush=True)
+        if rank == 0:
+            stepper.attach_ledger(ledger)
 
     max_steps = stage.train.max_steps_per_epoch
     pbs = stage.train.physical_batch_size
@@ -175,11 +217,15 @@ def train_worker(config: dict) -> None:
                 else:
                     batch = _collate(train_set, chunk, device)
                     loss, parts = adapter.per_sample_loss(stepper.module, batch)
-                    stepper.backward(loss)
+                    stepper.backward(loss, getattr(adapter, "rows_per_sample", 1))
                     for k, v in {"loss": loss, **parts}.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
                     seen += len(chunk)
                 stepper.microbatch_done(last=j == len(chunks) - 1)
+            if hasattr(adapter, "after_step"):
+                adapter.after_step(world)
+            if ema is not None:
+                ema.update(stepper.network)
         keys = ["loss", *adapter.components]
         totals = _all_sum([sums.get(k, 0.0) for k in keys] + [seen], world)
         train_metrics = {f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(keys, totals[:-1])}
@@ -205,9 +251,13 @@ def train_worker(config: dict) -> None:
                             "family": stage.model.kind, "model_config": stage.model.model_dump(),
                             "shape": list(data_cfg.shape), "labels": list(data_cfg.labels),
                             "metrics": {k: v for k, v in metrics.items()
-                                        if isinstance(v, (int, float)) and "/" in k}, **extra_state},
+                                        if isinstance(v, (int, float)) and "/" in k},
+                            "aux": adapter.aux_state() if hasattr(adapter, "aux_state") else {},
+                            "ema_model": ema.state_dict() if ema is not None else None, **extra_state},
                            os.path.join(tmp, CHECKPOINT_FILE))
                 if epoch + 1 == stage.train.epochs and hasattr(adapter, "sample") and stage.train.sample_grid:
+                    if ema is not None:  # the last epoch: what sampling will use from now on
+                        stepper.network.load_state_dict(ema.state_dict())
                     write_sample_grid(adapter, test_set, stage.train.sample_grid, os.path.join(tmp, "samples.png"),
                                       show_real=not data_cfg.private or not stage.dp.enabled)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -127,7 +127,7 @@ class Stepper:
     def network(self) -> nn.Module:
         return self.module
 
-    def backward(self, per_sample_loss: torch.Tensor) -> None:
+    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1) -> None:
         per_sample_loss.sum().backward()
         self._count += len(per_sample_loss)
 
@@ -197,8 +197,15 @@ class DPStepper(Stepper):
             g.manual_seed(int(_rng(self._noise_seed, 3, *stream).integers(2**62)))
             self.optimizer.generator = g
 
-    def backward(self, per_sample_loss: torch.Tensor) -> None:
+    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1) -> None:
         per_sample_loss.sum().backward()
+        if rows_per_sample > 1:
+            # Noise multiplicity: the batch ran as `rows_per_sample` rows per sample (K draws);
+            # Opacus gave one gradient per row. Summing a sample's rows (its loss is the mean
+            # over them) makes one per-sample gradient, which the optimizer then clips once.
+            for p in self.params:
+                gs = p.grad_sample
+                p.grad_sample = gs.view(-1, rows_per_sample, *gs.shape[1:]).sum(1)
 
     def empty_microbatch(self) -> None:
         # An empty Poisson batch is still a step: noise is added and the accountant counts
@@ -229,6 +236,38 @@ class DPStepper(Stepper):
         # Plain lists of (sigma, q, steps) so torch.load(weights_only=True) can read it back.
         return {"mechanism": self.accountant.mechanism(),
                 "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history]}
+
+    # --- the noise ledger: noise added since the last checkpoint is never forgotten ------
+    def attach_ledger(self, path) -> None:
+        """Append every noise addition to `path` (rank 0, shared storage). A worker that dies
+        mid-epoch loses the steps since its last checkpoint, but their noise was added and
+        their gradients may have reached other ranks: the accountant must keep counting them."""
+        from pathlib import Path
+
+        self._ledger = Path(path)
+        self._ledger.parent.mkdir(parents=True, exist_ok=True)
+        hook = self.optimizer.step_hook
+
+        def step_and_log(optim):
+            hook(optim)
+            with open(self._ledger, "a") as f:
+                f.write(f"{float(optim.noise_multiplier)} {self.sample_rate} {self.steps}\n")
+
+        self.optimizer.attach_step_hook(step_and_log)
+
+    def count_ledger(self, path) -> int:
+        """Steps recorded in the ledger beyond the restored history are added back."""
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.exists():
+            return 0
+        lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+        logged = max((int(ln[2]) for ln in lines if len(ln) == 3), default=0)
+        missing = logged - self.steps
+        if missing > 0:
+            self.accountant.history.append((float(lines[-1][0]), float(lines[-1][1]), missing))
+        return max(missing, 0)
 
     def load_state_dict(self, state: dict) -> None:
         if not state:

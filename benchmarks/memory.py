@@ -1,0 +1,112 @@
+"""Peak memory of DP-SGD at growing logical batch, same physical batch, measured in one run.
+
+    python -m benchmarks.memory [--json FILE]
+
+The claim under test (README, "How privacy is handled"): a logical (Poisson) batch is split
+into physical micro-batches with Opacus's virtual-step protocol, so memory depends on the
+physical batch only. Each logical batch size runs a few DP steps exactly as
+`trainers/loop.py` does, in a fresh process, and reports that process's peak memory; the
+ratio to the smallest logical batch is what a larger batch costs in memory (ideally 1.0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import time
+
+import torch
+
+SHAPE = (5, 16, 16)
+N_LABELS = 3
+
+
+def _one(logical: int, physical: int, steps: int, n_train: int, threads: int) -> dict:
+    """`steps` DP steps at one logical batch; runs in its own process so peaks don't mix."""
+    from models import build_adapter
+    from orchestrator.config import BetaVAEConfig
+    from trainers.privacy import DPStepper, PoissonSampler
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Synthetic data held in memory: the same n_train for every size, so the dataset's share
+    # of the peak is constant and only the logical batch varies.
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(n_train, 1, *SHAPE, generator=gen)
+    labels = torch.rand(n_train, N_LABELS, generator=gen) * 100
+    torch.manual_seed(0)
+    adapter = build_adapter(BetaVAEConfig(channels=[4, 8], latent_channels=2, norm_num_groups=4), SHAPE, N_LABELS)
+    model = adapter.network.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stepper = DPStepper(model, opt, 1, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=logical / n_train,
+                        n_train=n_train, accountant="prv", grad_sample_mode="functorch", noise_seed=0)
+    sampler = PoissonSampler(n_train, logical, rank=0, world_size=1, seed=0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0, seen = time.perf_counter(), 0
+    # The micro-batch loop of trainers/loop.py, without Ray.
+    for step, local in enumerate(sampler.epoch(0)):
+        if step >= steps:
+            break
+        chunks = [local[i:i + physical] for i in range(0, len(local), physical)] or [local]
+        for j, chunk in enumerate(chunks):
+            if len(chunk) == 0:
+                stepper.empty_microbatch()
+            else:
+                idx = torch.as_tensor(chunk)
+                batch = {"image": images[idx].to(device), "labels": labels[idx].to(device),
+                         "label_mask": torch.ones(len(chunk), N_LABELS, dtype=torch.bool, device=device)}
+                loss, _ = adapter.per_sample_loss(stepper.module, batch)
+                stepper.backward(loss)
+                seen += len(chunk)
+            stepper.microbatch_done(last=j == len(chunks) - 1)
+    assert stepper.steps == steps, "every sampling event must be one accounted step"
+    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+            "samples": seen, "seconds": time.perf_counter() - t0}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 512, 4096], help="logical batch sizes")
+    p.add_argument("--physical", type=int, default=8, help="physical (micro-)batch")
+    p.add_argument("--steps", type=int, default=2, help="DP steps per logical batch size")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each measuring process")
+    args = p.parse_args(argv)
+    sizes = sorted(args.sizes)
+    n_train = 2 * sizes[-1]  # q = 1/2 at the largest size: a genuine Poisson sample, not the whole set
+    print(f"beta_vae [4, 8], shape {SHAPE}, DP-SGD (functorch), n_train {n_train}, physical batch "
+          f"{args.physical}, {args.steps} step(s) per size, torch {torch.__version__}, "
+          f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}", flush=True)
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: ru_maxrss starts from zero
+    rows = []
+    for logical in sizes:
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            r = pool.apply(_one, (logical, args.physical, args.steps, n_train, args.threads))
+        row = {"logical_batch": logical, "physical_batch": args.physical, "peak_mb": round(r["peak_mb"], 1)}
+        if r["cuda_peak_mb"] is not None:
+            row["cuda_peak_mb"] = round(r["cuda_peak_mb"], 1)
+        rows.append(row)
+        print(f"  logical {logical}: {r['samples']} samples in {r['seconds']:.1f}s, peak RSS {r['peak_mb']:.0f} MB",
+              flush=True)
+    for row in rows:
+        row["peak_vs_smallest"] = round(row["peak_mb"] / rows[0]["peak_mb"], 3)
+        if "cuda_peak_mb" in row:
+            row["cuda_peak_vs_smallest"] = round(row["cuda_peak_mb"] / rows[0]["cuda_peak_mb"], 3)
+
+    cuda = "cuda_peak_mb" in rows[0]
+    print(f"\n{'logical':>8}{'physical':>10}{'peak RSS MB':>13}{'vs smallest':>13}" + (f"{'CUDA MB':>10}" if cuda else ""))
+    for r in rows:
+        print(f"{r['logical_batch']:>8}{r['physical_batch']:>10}{r['peak_mb']:>13.1f}{r['peak_vs_smallest']:>12.3f}x"
+              + (f"{r['cuda_peak_mb']:>10.1f}" if cuda else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Faults: a Ray Train worker killed mid-epoch. The trial completes from its last checkpoint,
+and the noise the dead worker group added after that checkpoint stays in the account."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.test_privacy import independent_epsilon
+
+pytestmark = pytest.mark.heavy
+
+
+def _worker_pids(launch_pid):
+    """Train workers of OUR local Ray (other Ray clusters may run on this machine): the
+    launch starts the raylet, and the raylet starts the workers."""
+    rows = [line.split(None, 2) for line in
+            subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]]
+    ours = {int(pid) for pid, ppid, args in rows if int(ppid) == launch_pid}
+    return [int(pid) for pid, ppid, args in rows if int(ppid) in ours and args.startswith("ray::RayTrainWorker")]
+
+
+def _epochs_logged(db):
+    # launch.json appears once the launch has created the store; opening it earlier races
+    # the launch's own schema migration
+    if not (db.parent / "launch.json").exists():
+        return 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("faults")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.role` = 'trial'") if exp else []
+    return len(client.get_metric_history(runs[0].info.run_id, "val/loss")) if runs else 0
+
+
+def test_worker_killed_mid_epoch_trial_completes_and_epsilon_keeps_the_lost_steps(tmp_path):
+    n_train, batch, epochs = 32, 4, 3
+    sweep = {
+        "name": "faults", "output": "runs/f",
+        "data": {"root": "data/p", "labels": ["LVEDV"], "shape": [13, 32, 32],
+                 "synthesize": {"kind": "phantom", "n": 40, "seed": 2}},
+        "privacy": {"delta": 1e-3, "accountant": "rdp"},
+        "cluster": {"workers_per_trial": 2, "max_failures": 2},
+        "stages": [{"name": "ae", "model": {"kind": "beta_vae", "channels": [8, 16], "norm_num_groups": 4},
+                    "train": {"epochs": epochs, "batch_size": batch, "physical_batch_size": 2},
+                    "dp": {"enabled": True, "noise_multiplier": 1.0}}],
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    db = tmp_path / "runs/f/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while _epochs_logged(db) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(2.0)  # into epoch 2: some noisy steps after the epoch-1 checkpoint
+    pids = _worker_pids(proc.pid)
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("faults")
+    run = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.role` = 'trial'")[0]
+    assert run.info.status == "FINISHED"
+    planned = epochs * math.ceil(n_train / batch)
+    steps = int(run.data.metrics["privacy/steps"])
+    assert steps > planned, "the steps the dead workers took after the checkpoint were forgotten"
+    assert "stay in the privacy account" in out
+    eps = client.get_metric_history(run.info.run_id, "privacy/epsilon")
+    by_step = {}
+    for m in eps:
+        by_step[m.step] = max(by_step.get(m.step, 0), m.value)
+    values = [by_step[k] for k in sorted(by_step)]
+    assert values == sorted(values)  # epsilon never goes back
+    q = float(run.data.params["privacy.sample_rate"])
+    assert run.data.metrics["privacy/epsilon"] == pytest.approx(independent_epsilon(1.0, q, steps, 1e-3, "rdp"), rel=0.01)
