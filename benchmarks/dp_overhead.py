@@ -21,7 +21,7 @@ import torch
 
 from models import build_adapter
 from orchestrator.config import BetaVAEConfig, LDMConfig, VQVAEConfig
-from trainers.privacy import DPStepper, Stepper
+from trainers.privacy import Stepper, make_dp_stepper
 
 N_LABELS = 6
 
@@ -42,7 +42,7 @@ FAMILIES = {
                                           shape, N_LABELS),
     "ldm": _ldm,
 }
-MODES = ["functorch", "hooks"]
+MODES = ["functorch", "hooks", "ghost"]
 
 
 def _peak_mb() -> float:
@@ -54,7 +54,7 @@ def time_steps(stepper, adapter, batch, repeats: int) -> float:
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         loss, _ = adapter.per_sample_loss(stepper.module, batch)
-        stepper.backward(loss)
+        stepper.backward(loss, getattr(adapter, "rows_per_sample", 1))
         stepper.microbatch_done(last=True)
         if i:  # the first step pays one-off costs (kernel selection, vmap tracing)
             times.append(time.perf_counter() - t0)
@@ -72,8 +72,8 @@ def _one(family: str, mode, shape, batch_size: int, repeats: int, threads: int) 
     if mode is None:
         stepper = Stepper(adapter.network, opt, 1)
     else:
-        stepper = DPStepper(adapter.network, opt, 1, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01,
-                            n_train=100 * batch_size, accountant="prv", grad_sample_mode=mode)
+        stepper = make_dp_stepper(mode, family, adapter.network, opt, 1, noise_multiplier=1.0, max_grad_norm=1.0,
+                                  sample_rate=0.01, n_train=100 * batch_size, accountant="prv")
     return time_steps(stepper, adapter, batch, repeats), _peak_mb()
 
 

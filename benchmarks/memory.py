@@ -58,7 +58,7 @@ def _one(logical: int, physical: int, steps: int, n_train: int, threads: int) ->
                 batch = {"image": images[idx].to(device), "labels": labels[idx].to(device),
                          "label_mask": torch.ones(len(chunk), N_LABELS, dtype=torch.bool, device=device)}
                 loss, _ = adapter.per_sample_loss(stepper.module, batch)
-                stepper.backward(loss)
+                stepper.backward(loss, getattr(adapter, "rows_per_sample", 1))
                 seen += len(chunk)
             stepper.microbatch_done(last=j == len(chunks) - 1)
     assert stepper.steps == steps, "every sampling event must be one accounted step"
@@ -98,7 +98,8 @@ def main(argv=None) -> list[dict]:
             row["cuda_peak_vs_smallest"] = round(row["cuda_peak_mb"] / rows[0]["cuda_peak_mb"], 3)
 
     cuda = "cuda_peak_mb" in rows[0]
-    print(f"\n{'logical':>8}{'physical':>10}{'peak RSS MB':>13}{'vs smallest':>13}" + (f"{'CUDA MB':>10}" if cuda else ""))
+    print(f"\n{'logical':>8}{'physical':>10}{'peak RSS MB':>13}{'vs smallest':>13}"
+          + (f"{'CUDA MB':>10}" if cuda else ""))
     for r in rows:
         print(f"{r['logical_batch']:>8}{r['physical_batch']:>10}{r['peak_mb']:>13.1f}{r['peak_vs_smallest']:>12.3f}x"
               + (f"{r['cuda_peak_mb']:>10.1f}" if cuda else ""))

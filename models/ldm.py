@@ -70,7 +70,8 @@ class LabelEmbedder(nn.Module):
         eye = self.eye.to(v.dtype)
         rows = torch.cat([v[:, :, None] * eye, eye.expand(b, -1, -1)], dim=-1)  # [B, L, 2L]
         known = self.value_out(F.silu(self.value_in(rows)))
-        unknown = self.unknown(self.ids.expand(b, -1))
+        # contiguous: Opacus's ghost-clipping norm sampler for Embedding `.view`s the ids
+        unknown = self.unknown(self.ids.expand(b, -1).contiguous())
         # Both branches stay in the graph, so every parameter gets a (possibly zero)
         # per-sample gradient in every batch; Opacus needs grad_sample on all of them.
         return torch.where(use[:, :, None], known, unknown)

@@ -65,7 +65,8 @@ class GradientQuantizer(nn.Module):
         # loss spikes to 10-100x); N(0, 1) codes already span the scale the encoder settles at.
 
     def embed(self, embedding_indices: torch.Tensor) -> torch.Tensor:
-        return self.embedding(embedding_indices).movedim(-1, 1)
+        # contiguous: Opacus's ghost-clipping norm sampler for Embedding `.view`s the indices
+        return self.embedding(embedding_indices.contiguous()).movedim(-1, 1)
 
     def forward(self, inputs: torch.Tensor):
         indices = nearest_codes(inputs, self.embedding.weight)

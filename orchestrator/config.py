@@ -193,8 +193,8 @@ class DPConfig(_Strict):
     noise_multiplier: Optional[float] = Field(None, gt=0, description="sigma; give this or `target_epsilon`")
     target_epsilon: Optional[float] = Field(None, gt=0, description="solve sigma so the run ends at this epsilon")
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping bound C")
-    grad_sample_mode: Literal["functorch", "hooks"] = Field(
-        "functorch", description="how Opacus computes per-sample gradients")
+    grad_sample_mode: Literal["auto", "functorch", "hooks", "ghost"] = Field(
+        "auto", description="per-sample gradients: Opacus functorch or hooks, or ghost clipping; auto: fastest per family")
     noise_multiplicity: int = Field(1, ge=1, description="ldm: timestep/noise draws averaged per sample before clipping")
 
     @model_validator(mode="after")
@@ -281,6 +281,9 @@ class StageConfig(_Strict):
         if self.dp.enabled and getattr(self.model, "adversarial_weight", 0) > 0:
             raise ValueError("model.adversarial_weight: the discriminator would learn from the private images outside "
                              "DP-SGD and feed the generator's loss; expected 0 when dp.enabled is true")
+        if self.dp.noise_multiplicity > 1 and self.dp.grad_sample_mode == "ghost":
+            raise ValueError("dp.grad_sample_mode: ghost clipping computes one norm per draw, not per sample; "
+                             "expected auto, functorch or hooks with noise_multiplicity > 1")
         if self.dp.noise_multiplicity > 1 and self.model.kind != "ldm":
             raise ValueError(f"dp.noise_multiplicity: only diffusion models (ldm) draw noise per sample; "
                              f"expected 1 for {self.model.kind}")

@@ -29,7 +29,7 @@ from orchestrator.config import DataConfig, StageConfig
 from trainers.checkpoints import CHECKPOINT_FILE, adapter_from_record, compression_record, load_state
 from trainers.data import VolumeDataset, validate_dataset
 from trainers.generators import freeze_all_but_attention, resolve_latent_scale, write_sample_grid
-from trainers.privacy import (DPStepper, PoissonSampler, PrivacyFacts, ShuffleSampler, Stepper,
+from trainers.privacy import (PoissonSampler, make_dp_stepper, PrivacyFacts, ShuffleSampler, Stepper,
                               solve_noise_multiplier, steps_per_epoch)
 
 
@@ -156,10 +156,10 @@ def train_worker(config: dict) -> None:
     facts = None
     if stage.dp.enabled:
         facts = plan_privacy(stage, n_train, meta["delta"], meta["accountant"])
-        stepper = DPStepper(model, base_opt, world, noise_multiplier=facts.noise_multiplier,
-                            max_grad_norm=facts.max_grad_norm, sample_rate=facts.sample_rate,
-                            n_train=n_train, accountant=facts.accountant,
-                            grad_sample_mode=stage.dp.grad_sample_mode, noise_seed=stage.train.seed)
+        stepper = make_dp_stepper(stage.dp.grad_sample_mode, stage.model.kind, model, base_opt, world,
+                                  noise_multiplier=facts.noise_multiplier, max_grad_norm=facts.max_grad_norm,
+                                  sample_rate=facts.sample_rate, n_train=n_train, accountant=facts.accountant,
+                                  noise_seed=stage.train.seed)
         sampler = PoissonSampler(n_train, stage.train.batch_size, rank, world, stage.train.seed)
     else:
         stepper = Stepper(model, base_opt, world)
