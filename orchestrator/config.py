@@ -524,18 +524,25 @@ def _check_stage(cfg: SweepConfig, stage: StageConfig, raw: dict, source: str) -
             choices = list(flatten(base)) if head in base else list(base)
             hint = _did_you_mean(path if head in base else head, choices)
             raise ConfigError(f"{source}: {where}.search.parameters.{path}: no such key in the stage config{hint}")
-    specs = stage.search.parameters
-    combos = itertools.product(*[spec.candidates() for spec in specs.values()]) if specs else [()]
-    for combo in itertools.islice(combos, 256):
-        trial = copy.deepcopy(base)
-        for path, value in zip(specs, combo):
-            set_path(trial, path, value)
+    for combo, trial in search_combinations(stage, limit=256):
         try:
             StageConfig.model_validate({**trial, "name": stage.name})
         except ValidationError as err:
-            raise ConfigError(f"{source}: {where}.search.parameters: with "
-                              f"{dict(zip(specs, combo))}: "
+            raise ConfigError(f"{source}: {where}.search.parameters: with {combo}: "
                               f"{format_validation_error(err, trial, StageConfig)}")
+
+
+def search_combinations(stage: StageConfig, limit: int):
+    """(searched values, trained stage config as a dict) for each combination of the
+    candidate values of `search.parameters`, at most `limit` of them."""
+    base = stage.model_dump(exclude={"search", "name", "needs", "select", "init_from", "data"})
+    specs = stage.search.parameters
+    combos = itertools.product(*[spec.candidates() for spec in specs.values()])
+    for values in itertools.islice(combos, limit):
+        trial = copy.deepcopy(base)
+        for path, value in zip(specs, values):
+            set_path(trial, path, value)
+        yield dict(zip(specs, values)), trial
 
 
 def load_sweep(path: str | Path) -> SweepConfig:

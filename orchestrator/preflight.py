@@ -5,12 +5,10 @@ fails in seconds, not after Ray has started and trials have burned an hour.
 """
 from __future__ import annotations
 
-import copy
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config import ConfigError, DataConfig, StageConfig, SweepConfig, set_path
+from orchestrator.config import ConfigError, DataConfig, StageConfig, SweepConfig, search_combinations
 from trainers.data import validate_dataset
 from trainers.loop import plan_privacy
 
@@ -37,14 +35,11 @@ def _materialise(cfg: SweepConfig, stage: StageConfig, cache_dir: Path) -> tuple
     return data, index.n("training")
 
 def _trial_variants(stage: StageConfig, limit: int = 64):
-    """The stage config under each combination of searched values (bounded)."""
-    base = stage.model_dump(exclude={"search"})
-    specs = stage.search.parameters
-    for combo in itertools.islice(itertools.product(*[s.candidates() for s in specs.values()]), limit):
-        trial = copy.deepcopy(base)
-        for path, value in zip(specs, combo):
-            set_path(trial, path, value)
-        yield StageConfig.model_validate(trial)
+    """The stage config under each combination of searched values (bounded: each DP
+    variant may solve sigma, which takes seconds)."""
+    for _, trial in search_combinations(stage, limit):
+        yield StageConfig.model_validate({**trial, "name": stage.name})
+
 
 def check_privacy_plan(cfg: SweepConfig, stage: StageConfig, data: DataConfig, n_train: int) -> None:
     where = f"stages[{stage.name}]"

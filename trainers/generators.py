@@ -10,10 +10,12 @@ import torch
 from orchestrator.config import DataConfig, StageConfig
 
 
-def latent_std(compression, data: DataConfig, device, n: int = 32) -> float:
+def latent_std(compression, data: DataConfig, device, cache_dir=None, n: int = 32) -> float:
     from trainers.data import VolumeDataset, validate_dataset
 
-    index = validate_dataset(data.root, data.labels, tuple(data.shape), allow_pickle=data.allow_pickle)
+    # the launch validated this data already: the cache spares re-reading every volume
+    index = validate_dataset(data.root, data.labels, tuple(data.shape), allow_pickle=data.allow_pickle,
+                             cache_dir=cache_dir)
     ds = VolumeDataset(index.splits["training"][:n], len(data.labels), allow_pickle=data.allow_pickle, preload=False)
     with torch.no_grad():
         z = torch.cat([compression.encode_latent(ds[i]["image"][None].to(device)) for i in range(len(ds))])
@@ -35,10 +37,10 @@ def resolve_latent_scale(stage: StageConfig, compression, meta: dict, device,
         return float(init_state["scale_factor"]), f"init_from checkpoint ({init_state.get('scale_source')})"
     if meta.get("scale_data"):
         data = DataConfig.model_validate(meta["scale_data"])
-        return 1.0 / latent_std(compression, data, device), f"public data {data.root}"
+        return 1.0 / latent_std(compression, data, device, meta.get("cache_dir")), f"public data {data.root}"
     if not stage.dp.enabled:
         data = DataConfig.model_validate(meta["data"])
-        return 1.0 / latent_std(compression, data, device), "training data (non-DP stage)"
+        return 1.0 / latent_std(compression, data, device, meta.get("cache_dir")), "training data (non-DP stage)"
     return 1.0, "default 1.0 (DP stage and no public data: never computed from private data)"
 
 
