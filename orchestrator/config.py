@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -47,12 +48,21 @@ class DataConfig(_Strict):
     private: bool = Field(True, description="true: DP stages account for this data, non-DP stages on it are tagged not private; false: public, costs no budget")
     synthesize: Optional[SynthesizeConfig] = Field(None, description="make a phantom dataset at `root` if absent")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _three_sizes(cls, raw):
+        shape = raw.get("shape") if isinstance(raw, dict) else None
+        if isinstance(shape, (list, tuple)) and len(shape) != 3:
+            raise ValueError(f"shape: expected three sizes (D, H, W), got {list(shape)}")
+        return raw
+
     @model_validator(mode="after")
     def _check(self):
         if any(s < 1 for s in self.shape):
-            raise ValueError("shape: expected three positive sizes (D, H, W)")
+            raise ValueError(f"shape: expected three positive sizes (D, H, W), got {list(self.shape)}")
         if len(set(self.labels)) != len(self.labels):
-            raise ValueError("labels: names must be unique")
+            twice = next(n for n in self.labels if self.labels.count(n) > 1)
+            raise ValueError(f"labels: names must be unique; {twice!r} is listed more than once")
         return self
 
 
@@ -67,7 +77,8 @@ class ClusterConfig(_Strict):
     address: Optional[str] = Field(None, description="null: start a local Ray; `auto` or `ray://host:port`: join a cluster")
     workers_per_trial: int = Field(1, ge=1, description="Ray Train workers (processes) per trial")
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs each Train worker reserves")
-    use_gpu: Union[bool, Literal["auto"]] = Field("auto", description="`auto`: GPUs when the cluster has them")
+    use_gpu: Literal[True, False, "auto"] = Field("auto", description="`auto`: GPUs when the cluster has them")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs each Train worker reserves when GPUs are used; below 1 shares a GPU between small trials")
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="null: as many as the cluster's CPUs/GPUs fit")
     num_cpus: Optional[int] = Field(None, ge=1, description="local Ray only: logical CPUs to declare (default: all cores)")
     dashboard_host: str = Field("127.0.0.1", description="local Ray only: where the dashboard listens")
@@ -187,6 +198,24 @@ class TrainConfig(_Strict):
         return self
 
 
+class EvalConfig(_Strict):
+    """Evaluation on the test split at the end of each trial (`fidelity/...`, `control/...`)."""
+    enabled: bool = Field(True, description="evaluate at the end of the trial")
+    n_samples: int = Field(32, ge=2, description="test volumes used (generators: as many generated with their labels)")
+    feature_network: Optional[str] = Field(None, description="Frechet distance features: a local TorchScript file; null: the built-in `phantom3d` encoder (trained on public phantoms only)")
+    feature_mode: Literal["volume", "slices"] = Field("volume", description="`volume`: a 3D network on whole volumes; `slices`: a 2D network (e.g. Inception-v3) on depth slices")
+    slices: Optional[list[int]] = Field(None, description="`slices` mode: depth indices fed to the 2D network (default: the middle ones)")
+    label_network: Optional[str] = Field(None, description="control metrics: a local TorchScript regressor volume -> labels; null: phantom measurement (phantom labels only)")
+    label_network_outputs: Optional[list[str]] = Field(None, description="names of the label network's output columns (labels of `data.labels`)")
+    sampling_steps: Optional[int] = Field(None, ge=1, description="DDIM steps when generating for evaluation (default: the model's `num_inference_steps`)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.label_network and not self.label_network_outputs:
+            raise ValueError("label_network_outputs: expected the label names of the label network's output columns")
+        return self
+
+
 class DPConfig(_Strict):
     """DP-SGD (Opacus)."""
     enabled: bool = Field(False, description="train with DP-SGD")
@@ -240,12 +269,31 @@ class ParamSpec(_Strict):
         return [self.value]
 
 
+class RandomCount(_Strict):
+    """A random number of trials (Papernot & Steinke): only then is the cost of picking the best small."""
+    distribution: Literal["poisson", "truncated_negative_binomial"] = Field(..., description="law of the number of trials")
+    mean: float = Field(..., gt=0, description="expected number of trials")
+    shape: Optional[float] = Field(None, gt=-1, description="truncated_negative_binomial: eta (> -1; 1: geometric)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.distribution == "truncated_negative_binomial" and self.shape is None:
+            raise ValueError("shape: truncated_negative_binomial needs `shape` (eta > -1, e.g. 1)")
+        if self.distribution == "poisson" and self.shape is not None:
+            raise ValueError("shape: only used with truncated_negative_binomial")
+        if self.distribution == "truncated_negative_binomial" and self.mean <= 1:
+            raise ValueError("mean: a truncated negative binomial count is at least 1; expected mean > 1")
+        return self
+
+
 class SearchConfig(_Strict):
     """What Ray Tune varies and how it picks the best trial."""
     method: Literal["grid", "random", "optuna"] = Field("grid", description="search algorithm")
     metric: str = Field("val/loss", description="metric that ranks trials")
     mode: Literal["min", "max"] = Field("min", description="whether lower or higher `metric` is better")
-    num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: number of trials")
+    num_samples: Union[Annotated[int, Field(ge=1)], RandomCount] = Field(
+        1, description="grid: repeats of the grid; random/optuna: number of trials, or `{distribution: poisson, mean: M}` "
+                       "(or truncated_negative_binomial with `shape`) for a random count drawn once per launch")
     parameters: dict[str, ParamSpec] = Field(default_factory=dict, description="dotted path in this stage -> values")
 
     @model_validator(mode="after")
@@ -269,6 +317,7 @@ class StageConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
     dp: DPConfig = Field(default_factory=DPConfig, description="DP-SGD settings")
     search: SearchConfig = Field(default_factory=SearchConfig, description="what Tune varies")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation on the test split")
 
     @model_validator(mode="after")
     def _check(self):
@@ -444,10 +493,44 @@ def _loc_to_str(loc: tuple, raw: Any) -> str:
     return ".".join(parts)
 
 
+def _union_member(part) -> Optional[type]:
+    """pydantic names union members in error locations: `constrained-int`, or
+    `function-after[_check(), RandomCount]` for a model with a validator."""
+    if not isinstance(part, str):
+        return None
+    if part in ("int", "constrained-int"):
+        return int
+    if part == "RandomCount" or part.endswith(", RandomCount]"):
+        return dict
+    return None
+
+
+def _pick_error(errors: list[dict]) -> dict:
+    """In a union (`num_samples: 3` or `{distribution: ...}`), report the error of the member
+    the user evidently meant (a mapping -> the mapping's keys), not pydantic's first one."""
+    first = errors[0]
+    if not any(_union_member(p) for p in first["loc"]):
+        return first
+    wants = dict if isinstance(first.get("input"), dict) else int
+    for e in errors:
+        if any(_union_member(p) is wants for p in e["loc"]):
+            return e
+    return first
+
+
 def format_validation_error(err: ValidationError, raw: Any, root: type[BaseModel]) -> str:
-    e = err.errors()[0]
+    e = _pick_error(err.errors())
+    if e["type"] == "missing":
+        # `stagse:` without `stages:` is one typo, not a missing key: report the typo and its fix
+        for other in err.errors():
+            if (other["type"] == "extra_forbidden" and other["loc"][:-1] == e["loc"][:-1]
+                    and difflib.get_close_matches(str(other["loc"][-1]), [str(e["loc"][-1])], n=1, cutoff=0.6)):
+                e = other
+                break
     loc, family = [], None
     for part in e["loc"]:
+        if _union_member(part):
+            continue
         # pydantic puts the union tag (`beta_vae`, ...) into the location; users never wrote it
         if loc and loc[-1] == "model" and part in FAMILY_CONFIGS:
             family = FAMILY_CONFIGS[part]
@@ -457,7 +540,9 @@ def format_validation_error(err: ValidationError, raw: Any, root: type[BaseModel
     loc = tuple(loc)
     where = _loc_to_str(loc, raw)
     if e["type"] == "union_tag_invalid":
-        return f"{where}.kind: unknown model kind; expected one of {', '.join(FAMILY_CONFIGS)}"
+        tag = str(e.get("ctx", {}).get("tag", ""))
+        return (f"{where}.kind: unknown model kind {tag!r}{_did_you_mean(tag, FAMILY_CONFIGS)}; "
+                f"expected one of {', '.join(FAMILY_CONFIGS)}")
     if e["type"] == "union_tag_not_found":
         return f"{where}.kind: required key is missing; expected one of {', '.join(FAMILY_CONFIGS)}"
     if e["type"] == "extra_forbidden":
@@ -469,12 +554,38 @@ def format_validation_error(err: ValidationError, raw: Any, root: type[BaseModel
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "value_error" and where == "":
         return msg
+    key = re.match(r"([A-Za-z_][\w.]*(?:/\w+)?): ", msg) if e["type"] == "value_error" else None
+    if key:  # a validator naming its key: `stages[ae].train.physical_batch_size: ...`, not `...train: physical_batch_size: ...`
+        where, msg = f"{where}.{key.group(1)}", msg[key.end():]
     got = e.get("input")
     shown = "" if isinstance(got, (dict, list)) or e["type"] == "value_error" else f", got {got!r}"
     return f"{where}: {msg}{shown}" if where else f"{msg}{shown}"
 
 
 # --- loading ------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML
+    silently keeps the last one, so a second `dp:` block would erase the first unseen."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overrides is fine
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
@@ -483,7 +594,7 @@ def load_yaml(path: Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read sweep file ({exc.strerror})")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -493,8 +604,8 @@ def load_yaml(path: Path) -> Any:
 
 def parse_sweep(raw: Any, source: str = "sweep file", base_dir: Path = Path(".")) -> SweepConfig:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with keys `name` and `stages`, "
-                          f"got {type(raw).__name__}")
+        got = "an empty file" if raw is None else type(raw).__name__
+        raise ConfigError(f"{source}: expected a mapping with keys `name` and `stages`, got {got}")
     try:
         cfg = SweepConfig.model_validate(raw)
     except ValidationError as err:
@@ -524,6 +635,11 @@ def _check_stage(cfg: SweepConfig, stage: StageConfig, raw: dict, source: str) -
             choices = list(flatten(base)) if head in base else list(base)
             hint = _did_you_mean(path if head in base else head, choices)
             raise ConfigError(f"{source}: {where}.search.parameters.{path}: no such key in the stage config{hint}")
+        current = get_path(base, path)
+        if spec.distribution in ("uniform", "log_uniform") and isinstance(current, int) and not isinstance(current, bool):
+            # the end points would validate, but Tune draws fractions such as 2.37 in between
+            raise ConfigError(f"{source}: {where}.search.parameters.{path}: {spec.distribution} draws fractional "
+                              f"numbers, but {path} takes whole numbers; expected distribution: int_uniform or `values`")
     for combo, trial in search_combinations(stage, limit=256):
         try:
             StageConfig.model_validate({**trial, "name": stage.name})
@@ -560,7 +676,8 @@ def reference_markdown() -> str:
                 ("privacy", PrivacyConfig), ("cluster", ClusterConfig), ("tracking", TrackingConfig),
                 ("stages[]", StageConfig), ("stages[].model (kind: beta_vae)", BetaVAEConfig),
                 ("stages[].model (kind: vq_vae)", VQVAEConfig), ("stages[].model (kind: ldm)", LDMConfig),
-                ("stages[].train", TrainConfig), ("stages[].dp", DPConfig), ("stages[].search", SearchConfig),
+                ("stages[].train", TrainConfig), ("stages[].dp", DPConfig), ("stages[].eval", EvalConfig),
+                ("stages[].search", SearchConfig), ("stages[].search.num_samples (random)", RandomCount),
                 ("stages[].search.parameters.<path>", ParamSpec)]
     lines = []
     for title, model in sections:

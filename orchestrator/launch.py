@@ -32,9 +32,10 @@ def parse_args(argv):
 def load_and_check(args):
     """Everything that can fail on user input, before Ray starts."""
     from orchestrator.config import load_sweep
+
+    cfg = load_sweep(args.sweep)  # before the torch/Ray imports below: a typo is reported in a second
     from orchestrator.preflight import apply_smoke_test, preflight
 
-    cfg = load_sweep(args.sweep)
     if args.output:
         cfg.output = args.output
     if args.address:
@@ -56,6 +57,8 @@ def start_ray(cfg):
 
     c = cfg.cluster
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # A stage may rank trials by a metric only the final evaluation reports (fidelity/fd).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if c.address:
         ray.init(address=c.address, log_to_driver=True)
         print(f"joined Ray cluster at {c.address}", flush=True)
@@ -78,24 +81,67 @@ def start_ray(cfg):
     return ray
 
 
-def cluster_plan(cfg, ray):
-    res = ray.cluster_resources()
+def _alive_nodes(ray) -> list[dict]:
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def cluster_plan(cfg, ray, nodes: list[dict] | None = None):
+    """(use GPUs?, trials at once). A trial that could never be placed on this cluster is a
+    clear error now, not a sweep that waits forever for resources."""
+    from orchestrator.trial import DRIVER_CPUS
+
     c = cfg.cluster
-    use_gpu = (res.get("GPU", 0) > 0) if c.use_gpu == "auto" else bool(c.use_gpu)
-    if use_gpu and res.get("GPU", 0) < c.workers_per_trial:
-        raise UserError(f"cluster.use_gpu: a trial needs {c.workers_per_trial} GPU(s), the cluster has "
-                        f"{res.get('GPU', 0):g}")
-    cpus = res.get("CPU", 0) - (1 if not c.address else 0)
-    per_trial = c.workers_per_trial * c.cpus_per_worker
-    if per_trial > res.get("CPU", 0):
-        raise UserError(f"cluster.workers_per_trial: a trial needs {per_trial:g} CPUs, the cluster has "
-                        f"{res.get('CPU', 0):g}")
-    fit = int(res.get("GPU", 0) // c.workers_per_trial) if use_gpu else int(max(cpus, per_trial) // per_trial)
-    return use_gpu, c.max_concurrent_trials or max(1, fit)
+    nodes = _alive_nodes(ray) if nodes is None else nodes
+    total_cpu = sum(n.get("CPU", 0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0) for n in nodes)
+    use_gpu = total_gpu > 0 if c.use_gpu == "auto" else bool(c.use_gpu)
+    where = f"the cluster ({len(nodes)} node(s), {total_cpu:g} CPUs, {total_gpu:g} GPUs)"
+    if use_gpu:
+        if total_gpu == 0:
+            raise UserError(f"cluster.use_gpu: true, but {where} has no GPUs; expected auto or false")
+        if c.gpus_per_worker < 1 and c.workers_per_trial > 1:
+            raise UserError("cluster.gpus_per_worker: a fraction of a GPU per worker with workers_per_trial > 1 can "
+                            "put two NCCL ranks of one trial on the same GPU; expected gpus_per_worker >= 1, "
+                            "or workers_per_trial: 1 for small trials")
+        if c.gpus_per_worker > 1 and c.gpus_per_worker != int(c.gpus_per_worker):
+            raise UserError(f"cluster.gpus_per_worker: {c.gpus_per_worker:g}; expected a fraction below 1 or a whole number")
+        if not any(n.get("GPU", 0) >= c.gpus_per_worker and n.get("CPU", 0) >= c.cpus_per_worker for n in nodes):
+            raise UserError(f"cluster.gpus_per_worker: no node of {where} has {c.gpus_per_worker:g} GPU(s) and "
+                            f"{c.cpus_per_worker:g} CPUs free for one worker")
+    elif not any(n.get("CPU", 0) >= c.cpus_per_worker for n in nodes):
+        raise UserError(f"cluster.cpus_per_worker: {c.cpus_per_worker:g}, but no node of {where} has that many CPUs")
+    # Local Ray declares one CPU more than the cores, for the trial drivers (see start_ray).
+    cpus = total_cpu - (1 if not c.address else 0)
+    trial_cpu = c.workers_per_trial * c.cpus_per_worker
+    if trial_cpu > total_cpu:
+        raise UserError(f"cluster.workers_per_trial: a trial needs {c.workers_per_trial} x {c.cpus_per_worker:g} = "
+                        f"{trial_cpu:g} CPUs, {where} has {total_cpu:g}")
+    fit = int(max(cpus, trial_cpu) // trial_cpu)
+    if use_gpu:
+        trial_gpu = c.workers_per_trial * c.gpus_per_worker
+        if trial_gpu > total_gpu:
+            raise UserError(f"cluster.workers_per_trial: a trial needs {c.workers_per_trial} x {c.gpus_per_worker:g} "
+                            f"= {trial_gpu:g} GPUs, {where} has {total_gpu:g}")
+        workers_fit = sum(int(n.get("GPU", 0) // c.gpus_per_worker) for n in nodes)
+        fit = min(fit, max(1, workers_fit // c.workers_per_trial))
+    concurrent = c.max_concurrent_trials or max(1, fit)
+    gpu = f", {c.gpus_per_worker:g} GPU" if use_gpu else ""
+    print(f"placement: up to {concurrent} trial(s) at once, each {c.workers_per_trial} worker(s) x "
+          f"({c.cpus_per_worker:g} CPU{gpu}) on {where}", flush=True)
+    return use_gpu, concurrent
+
+
+def _quiet_mlflow_retries() -> None:
+    # MLflow's own http retries would stall the Tune loop for minutes while a server
+    # restarts; the trial logger queues writes and retries itself (orchestrator/tracking.py).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _quiet_mlflow_retries()
     try:
         cfg, plans = load_and_check(args)
     except UserError as exc:

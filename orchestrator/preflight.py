@@ -5,12 +5,13 @@ fails in seconds, not after Ray has started and trials have burned an hour.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import ConfigError, DataConfig, StageConfig, SweepConfig, search_combinations
+from orchestrator.errors import DataError
 from trainers.data import validate_dataset
-from trainers.loop import plan_privacy
 
 @dataclass
 class StagePlan:
@@ -25,6 +26,10 @@ def _materialise(cfg: SweepConfig, stage: StageConfig, cache_dir: Path) -> tuple
     if data.synthesize is not None and not (root / "training.npy").exists():
         from orchestrator.phantoms import synthesize
 
+        if root.is_dir() and any(root.iterdir()):
+            raise DataError(f"data.root {root} has no training.npy but is not empty; data.synthesize writes a "
+                            "phantom dataset only into an empty or absent folder: delete the folder (e.g. a "
+                            "half-written dataset) or point data.root elsewhere")
         syn = data.synthesize
         print(f"[{stage.name}] writing a {syn.variant} phantom dataset of {syn.n} volumes "
               f"{tuple(data.shape)} to {root}", flush=True)
@@ -52,32 +57,57 @@ def check_privacy_plan(cfg: SweepConfig, stage: StageConfig, data: DataConfig, n
         if data.private and cfg.privacy.delta >= 1.0 / n_train:
             raise ConfigError(f"privacy.delta: {cfg.privacy.delta:g} is not below 1/n_train = 1/{n_train} "
                               f"(stage {stage.name}); expected delta << 1/n_train, e.g. {0.1 / n_train:.1e}")
+        from trainers.loop import plan_privacy  # Ray Train, MONAI: only once the data is known good
+
         try:
-            plan_privacy(variant, n_train, cfg.privacy.delta, cfg.privacy.accountant)
+            # Opacus warns (several lines on stderr) while it searches sigma; an unreachable
+            # epsilon must still be the one `error:` line below.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                plan_privacy(variant, n_train, cfg.privacy.delta, cfg.privacy.accountant)
         except ValueError:
             raise ConfigError(f"{where}.dp.target_epsilon: {variant.dp.target_epsilon:g} is unreachable with "
                               f"batch_size {variant.train.batch_size} of {n_train} samples over "
                               f"{variant.train.epochs} epochs; raise target_epsilon or batch size, or train fewer epochs")
 
-def check_model_files(cfg: SweepConfig, stage: StageConfig) -> None:
-    """Local files a model needs exist (and are made absolute: Ray workers run elsewhere)."""
-    path = getattr(stage.model, "perceptual_network", None)
+def _local_file(cfg: SweepConfig, stage: StageConfig, owner, key: str, section: str, what: str) -> None:
+    path = getattr(owner, key, None)
     if path:
         resolved = cfg.resolve(path)
         if not resolved.is_file():
-            raise ConfigError(f"stages[{stage.name}].model.perceptual_network: {resolved} does not exist; expected a "
-                              "local TorchScript feature network (nothing is downloaded at run time)")
-        stage.model.perceptual_network = str(resolved)
+            raise ConfigError(f"stages[{stage.name}].{section}.{key}: {resolved} does not exist; expected a "
+                              f"local {what} (nothing is downloaded at run time)")
+        setattr(owner, key, str(resolved))
+
+
+def check_model_files(cfg: SweepConfig, stage: StageConfig, data: DataConfig | None = None) -> None:
+    """Local files a model or its evaluation needs exist (and are made absolute: Ray workers
+    run elsewhere)."""
+    _local_file(cfg, stage, stage.model, "perceptual_network", "model", "TorchScript feature network")
+    _local_file(cfg, stage, stage.eval, "feature_network", "eval", "TorchScript feature network")
+    _local_file(cfg, stage, stage.eval, "label_network", "eval", "TorchScript label network")
+    if data is not None and stage.eval.label_network_outputs:
+        unknown = [x for x in stage.eval.label_network_outputs if x not in data.labels]
+        if unknown:
+            raise ConfigError(f"stages[{stage.name}].eval.label_network_outputs: {unknown[0]!r} is not one of "
+                              f"data.labels {list(data.labels)}")
 
 
 def preflight(cfg: SweepConfig) -> dict[str, StagePlan]:
     from orchestrator.config import stage_order
 
+    if cfg.tracking.uri:
+        from orchestrator.tracking import check_reachable  # imports Ray Tune: only when needed
+
+        check_reachable(cfg.tracking.uri)
+    if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
+        raise ConfigError(f"output: {cfg.output_dir} is not a directory; expected a folder (new or existing) for "
+                          "mlflow.db, Ray results and checkpoints")
     cache_dir = cfg.output_dir / ".cache"
     plans = {}
     for stage in stage_order(cfg.stages):
         data, n_train = _materialise(cfg, stage, cache_dir)
-        check_model_files(cfg, stage)
+        check_model_files(cfg, stage, data)
         check_privacy_plan(cfg, stage, data, n_train)
         plans[stage.name] = StagePlan(stage=stage, data=data, n_train=n_train)
     return plans

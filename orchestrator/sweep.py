@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from ray import tune
 
-from orchestrator.config import SweepConfig, stage_order
+import secrets
+
+import numpy as np
+
+from orchestrator import accounting
+from orchestrator.config import RandomCount, SweepConfig, stage_order
+from orchestrator.ledger import draw_num_samples, write_ledger_json
 from orchestrator.launch import STATE_FILE
 from orchestrator.preflight import StagePlan
-from orchestrator.tracking import (ROLE, MlflowTrialLogger, client_for, default_uri, ensure_experiment)
+from orchestrator.tracking import (ROLE, TRIAL_KEY, MlflowTrialLogger, client_for, default_uri, ensure_experiment,
+                                   redact, with_patience)
 from orchestrator.trial import DRIVER_CPUS, run_trial
 from search_spaces import build_param_space, build_search_alg
 
@@ -40,7 +46,8 @@ def _open_parent(client, exp_id: str, cfg: SweepConfig, sweep_file: str, state: 
                             run_name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "sweep.yaml"
-        shutil.copyfile(sweep_file, copy)
+        # credentials in a URI (tracking.uri: http://user:pass@host) never reach MLflow
+        copy.write_text(redact(Path(sweep_file).read_text()))
         client.log_artifact(run.info.run_id, str(copy))
     return run.info.run_id
 
@@ -49,9 +56,12 @@ def _trial_rows(grid, metric: str) -> list[dict]:
     rows = []
     for r in grid:
         m = r.metrics or {}
+        dp = (r.config or {}).get("stage", {}).get("dp", {}).get("enabled")
         rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "ok": r.error is None and metric in m,
                      "metric": m.get(metric), "epsilon": m.get("privacy/epsilon"),
-                     "checkpoint": r.checkpoint.path if r.checkpoint else m.get("checkpoint_path")})
+                     "checkpoint": r.checkpoint.path if r.checkpoint else m.get("checkpoint_path"),
+                     "dp": bool(dp), "sigma": m.get("privacy.noise_multiplier"), "q": m.get("privacy.sample_rate"),
+                     "steps": m.get("privacy/steps"), "epoch": m.get("epoch")})
     return rows
 
 
@@ -65,7 +75,7 @@ def public_scale_data(plans: dict[str, StagePlan], stage) -> dict | None:
 
 
 def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: dict, name: str,
-              resume: bool, max_concurrent: int, upstream: dict) -> list[dict]:
+              resume: bool, max_concurrent: int, upstream: dict, num_samples: int) -> list[dict]:
     stage = plan.stage
     out = cfg.output_dir
     stage_dict = stage.model_dump(exclude=STAGE_KEYS_NOT_TRAINED)
@@ -94,7 +104,7 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=stage.search.metric, mode=stage.search.mode,
-                                        num_samples=stage.search.num_samples,
+                                        num_samples=num_samples,
                                         search_alg=build_search_alg(stage.search, stage.train.seed),
                                         max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=str(out / "ray_results"), callbacks=[logger],
@@ -102,6 +112,110 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
         )
     grid = _fit_noting_interrupts(tuner)
     return _trial_rows(grid, stage.search.metric)
+
+
+def trial_count(stage, state: dict, out: Path, client, parent: str) -> int:
+    """Tune's num_samples; a random count is drawn once per launch (kept for --resume: a
+    redraw after an interruption would void the repeat-and-select bound)."""
+    spec = stage.search.num_samples
+    if not isinstance(spec, RandomCount):
+        return int(spec)
+    drawn = state.setdefault("num_samples", {})
+    if stage.name not in drawn:
+        rng = np.random.default_rng(secrets.randbits(128))
+        drawn[stage.name] = {**spec.model_dump(exclude_none=True), "drawn": draw_num_samples(spec.model_dump(), rng)}
+        _save_state(out, state)
+        with_patience(client.log_param, parent, f"search.num_samples_drawn.{stage.name}", drawn[stage.name]["drawn"])
+    k = int(drawn[stage.name]["drawn"])
+    law = spec.distribution + (f" shape {spec.shape:g}" if spec.shape is not None else "")
+    print(f"[{stage.name}] number of trials drawn from {law} with mean {spec.mean:g}: {k}"
+          + (" (nothing is trained or released; the repeat-and-select bound allows a zero draw)" if k == 0 else ""),
+          flush=True)
+    return k
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else "-inf"
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def update_books(cfg: SweepConfig, plans: dict[str, StagePlan], results: dict, state: dict, client,
+                 exp_id: str, parent: str, out: Path) -> dict:
+    """Recompute the privacy ledger over the stages finished so far and publish it: each
+    trial's `privacy/epsilon_total`, the parent's totals and tuning costs, and the ledger
+    JSON (see orchestrator/accounting.py)."""
+    delta, acct = cfg.privacy.delta, cfg.privacy.accountant
+    rows = [r for stage_rows in results.values() for r in stage_rows if "key" in r]
+    by_key = {r["key"]: r for r in rows}
+    trials = {}
+    for r in rows:
+        total, book = accounting.lineage_total(r, by_key, delta, acct)
+        trials[r["key"]] = {"stage": r["stage"], "trial": r["trial_id"], "epsilon": r.get("epsilon"), **book}
+        if r.get("total_logged") == total or not (r.get("dp") or r.get("private") or total):
+            continue
+        found = with_patience(client.search_runs, [exp_id], filter_string=f"tags.`{TRIAL_KEY}` = '{r['key']}'",
+                              max_results=1)
+        if not found:
+            continue
+        run_id = found[0].info.run_id
+        # MLflow stores +inf as the largest double; the tag says why it is not finite.
+        with_patience(client.log_metric, run_id, "privacy/epsilon_total", total, step=int(r.get("epoch") or 0))
+        if not math.isfinite(total):
+            with_patience(client.set_tag, run_id, "orchestrator.privacy_total",
+                          "not private: " + "; ".join(book.get("not_private", []))[:4000])
+        r["total_logged"] = total
+    tuning = {}
+    for name, stage_rows in results.items():
+        if stage_rows and all("key" in r for r in stage_rows):
+            tuning[name] = accounting.stage_tuning(plans[name].stage, plans[name], stage_rows, delta, acct,
+                                                   state.get("num_samples", {}).get(name))
+    study = accounting.study_totals(rows, delta, acct)
+    private_totals = [t["epsilon_total"] for t in trials.values() if _finite(t["epsilon_total"])]
+    payload = {"sweep": cfg.name, "parent_run_id": parent, "accountant": acct, "delta": delta,
+               "how_to_recompute": "each mechanism is a Poisson-subsampled Gaussian (sigma = noise multiplier, "
+                                   "q = sample rate) applied `steps` times; compose a trial's lineage per dataset",
+               "trials": trials, "tuning": tuning, "study": study,
+               "epsilon_total_max": max(private_totals) if private_totals else None}
+    path = out / "privacy_ledger.json"
+    write_ledger_json(path, _jsonable(payload))
+    metrics = {"privacy/epsilon_study": study["epsilon_total"]}
+    if private_totals:
+        metrics["privacy/epsilon_total"] = max(private_totals)
+    for name, t in tuning.items():
+        if _finite(t.get("epsilon_naive")) and t.get("private"):
+            metrics[f"privacy/epsilon_tuning_naive/{name}"] = t["epsilon_naive"]
+        if _finite(t.get("epsilon_repeat_and_select")):
+            metrics[f"privacy/epsilon_tuning_repeat_select/{name}"] = t["epsilon_repeat_and_select"]
+        if t.get("outside_theorem") and t.get("private") and name not in state.setdefault("warned", []):
+            print(f"[{name}] privacy of tuning: {t['outside_theorem']}", flush=True)
+            state["warned"].append(name)
+            with_patience(client.set_tag, parent, f"orchestrator.tuning_outside_theorem.{name}",
+                          t["outside_theorem"][:4000])
+    for k, v in metrics.items():
+        with_patience(client.log_metric, parent, k, v)
+    with_patience(client.log_artifact, parent, str(path))
+    return payload
+
+
+def closing_report(out: Path) -> None:
+    """The epsilon-vs-fidelity table and plot (orchestrator/report.py), also logged to the parent run."""
+    try:
+        from orchestrator.report import main as report_main
+
+        print("\nreport (python -m orchestrator.report " + str(out) + ")", flush=True)
+        report_main([str(out)])
+    except Exception as exc:  # noqa: BLE001 - the study itself is done; the report can be rerun
+        print(f"warning: the report could not be written ({type(exc).__name__}: {exc}); "
+              f"rerun: python -m orchestrator.report {out}", flush=True)
 
 
 def _interrupt(signum, frame):
@@ -140,7 +254,7 @@ def _fmt(x, spec=".4g") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def print_summary(cfg: SweepConfig, results: dict, uri: str, out: Path) -> None:
+def print_summary(cfg: SweepConfig, results: dict, uri: str, out: Path, books: dict | None = None) -> None:
     print("\nsummary")
     print(f"{'stage':<14}{'trials ok':>10}  {'best metric':<24}{'epsilon range':>18}")
     for stage in stage_order(cfg.stages):
@@ -154,9 +268,23 @@ def print_summary(cfg: SweepConfig, results: dict, uri: str, out: Path) -> None:
         eps = [r["epsilon"] for r in ok if r["epsilon"] is not None]
         eps_s = f"{min(eps):.3g} .. {max(eps):.3g}" if eps else "non-DP"
         print(f"{stage.name:<14}{len(ok):>5}/{len(rows):<4}  {best_s:<24}{eps_s:>18}")
-    print(f"\nMLflow experiment '{cfg.name}' in {uri}")
+    if books:
+        study = books["study"]
+        tot = books.get("epsilon_total_max")
+        print(f"\nprivacy ({books['accountant']}, delta {books['delta']:g}): "
+              f"worst released model epsilon_total {_fmt(tot)}; all DP training in the study composed: "
+              f"{_fmt(study['epsilon_total'])}")
+        for name, t in books["tuning"].items():
+            if t.get("private") and t.get("trials", 0) > 1:
+                rs = t.get("epsilon_repeat_and_select")
+                print(f"  choosing the best of {name}'s {t['trials']} trials: naive {_fmt(t.get('epsilon_naive'))}"
+                      + (f", repeat-and-select {_fmt(rs)}" if rs is not None else ""))
+        print(f"  ledger: {out / 'privacy_ledger.json'} (also on the parent run)")
+    print(f"\nMLflow experiment '{cfg.name}' in {redact(uri)}")
     if uri.startswith("sqlite:"):
         print(f"open it with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    elif uri.startswith("http"):
+        print(f"open it in a browser: {redact(uri)} (experiment '{cfg.name}')")
     print(f"results and checkpoints: {out}")
 
 
@@ -176,6 +304,7 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
     c = cfg.cluster
     meta_base = {"delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
                  "workers": c.workers_per_trial, "cpus_per_worker": c.cpus_per_worker, "use_gpu": use_gpu,
+                 "gpus_per_worker": c.gpus_per_worker,
                  "storage_path": str(out / "ray_results"), "max_failures": c.max_failures,
                  "cache_dir": str(out / ".cache")}
     logger_args = {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent}
@@ -194,29 +323,38 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
             print(f"[{stage.name}] already finished in the launch being resumed", flush=True)
             results[stage.name], selected[stage.name] = done["rows"], done["selected"]
             continue
-        init = selected[stage.init_from][0]["checkpoint"] if stage.init_from else None
+        init = selected[stage.init_from][0] if stage.init_from else None
         ups = selected[stage.needs] if stage.needs else [None]
+        count = trial_count(stage, state, client, parent)
         rows = []
         for up in ups:
             name = f"{cfg.name}-{stage.name}"
             if stage.select == "each" and up is not None:
                 name += f"-{up['trial_id']}"
-            upstream = {"needs": up["checkpoint"] if up else None, "init_from": init,
+            upstream = {"needs": up["checkpoint"] if up else None, "init_from": init["checkpoint"] if init else None,
                         "scale_data": public_scale_data(plans, stage)}
-            rows += run_stage(cfg, plans[stage.name], meta_base, logger_args, name, args.resume,
-                              max_concurrent, upstream)
+            got = run_stage(cfg, plans[stage.name], meta_base, logger_args, name, args.resume,
+                            max_concurrent, upstream, count) if count else []
+            for r in got:
+                r.update(stage=stage.name, key=f"{parent}/{stage.name}/{r['trial_id']}",
+                         data=plans[stage.name].data.root, private=plans[stage.name].data.private,
+                         needs_key=up["key"] if up else None, init_key=init["key"] if init else None)
+            rows += got
         results[stage.name] = rows
         selected[stage.name] = _select(rows, stage.select or "best", stage.search.mode)
         if len([r for r in rows if r["ok"]]) < len(rows):
             failed = True
         state["stages"][stage.name] = {"finished": True, "rows": rows, "selected": selected[stage.name]}
         _save_state(out, state)
+        books = update_books(cfg, plans, results, state, client, exp_id, parent, out)
         if selected[stage.name]:
-            client.set_tag(parent, f"orchestrator.selected.{stage.name}",
+            with_patience(client.set_tag, parent, f"orchestrator.selected.{stage.name}",
                            ",".join(r["checkpoint"] for r in selected[stage.name])[:5000])
 
     state["status"] = "finished"
     _save_state(out, state)
-    client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
-    print_summary(cfg, results, uri, out)
+    books = update_books(cfg, plans, results, state, client, exp_id, parent, out) if results else None
+    closing_report(out)
+    with_patience(client.set_terminated, parent, status="FAILED" if failed else "FINISHED")
+    print_summary(cfg, results, uri, out, books)
     return 1 if failed else 0

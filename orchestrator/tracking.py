@@ -15,6 +15,7 @@ Names (the contract in ARCHITECTURE.md):
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +27,7 @@ from orchestrator.config import flatten
 ROLE, STAGE, MODEL, DP = "orchestrator.role", "orchestrator.stage", "orchestrator.model", "orchestrator.dp"
 TRIAL_KEY = "orchestrator.trial_key"
 PARAM_LIMIT = 6000
+RETRY_EVERY_S = 10.0
 ARTIFACTS = ("samples.png",)  # files a trial leaves in its checkpoint for the driver to log  # MLflow's cap on a param value's length
 
 
@@ -56,12 +58,31 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= PARAM_LIMIT else s[:PARAM_LIMIT - 3] + "..."
 
 
+def _is_outage(exc: BaseException) -> bool:
+    """A tracking server that is down or restarting (retry later), as opposed to a bad request."""
+    import requests
+
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, MlflowException):
+        text = str(exc)
+        return any(w in text for w in ("Max retries", "Connection", "connection", "503", "502", "504",
+                                       "timed out", "API request"))
+    return False
+
+
 class MlflowTrialLogger(tune.Callback):
     """Mirrors Tune trials into MLflow child runs of the launch's parent run.
 
     Picklable (Tune saves callbacks with the experiment for `--resume`): it keeps only
-    strings and reopens its client lazily. A resumed trial finds its existing run through
-    the `orchestrator.trial_key` tag, so runs are never duplicated.
+    strings and plain records and reopens its client lazily. A resumed trial finds its
+    existing run through the `orchestrator.trial_key` tag, so runs are never duplicated.
+
+    Every write goes through a queue: when the tracking server is unreachable (restarting,
+    network blip) the writes wait, in order, and are replayed at the next result and at the
+    end of the stage, so an MLflow outage neither stops the sweep nor loses metrics.
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, stage: str, model: str,
@@ -71,7 +92,10 @@ class MlflowTrialLogger(tune.Callback):
         self.extra_tags = dict(extra_tags or {})
         self.extra_params = dict(extra_params or {})
         self._runs: dict[str, str] = {}
-        self._params_logged: set[str] = set()
+        self._params_logged: set[tuple[str, str]] = set()
+        self._pending: list[tuple[str, str, Any]] = []   # (trial key, op, payload)
+        self._trial_info: dict[str, dict] = {}
+        self._outage_since: Optional[float] = None
         self._client = None
 
     def __getstate__(self):
@@ -79,38 +103,127 @@ class MlflowTrialLogger(tune.Callback):
         state["_client"] = None
         return state
 
+    def __setstate__(self, state):
+        state.setdefault("_pending", [])
+        state.setdefault("_trial_info", {})
+        state.setdefault("_outage_since", None)
+        self.__dict__.update(state)
+
     @property
     def client(self):
         if self._client is None:
             self._client = client_for(self.uri)
         return self._client
 
+    # Saved by Tune with its experiment checkpoints: writes still queued when the launch
+    # died are sent by `--resume`.
+    def get_state(self) -> Optional[dict]:
+        return {"pending": list(self._pending), "trial_info": dict(self._trial_info)}
+
+    def set_state(self, state: dict) -> None:
+        self._pending = list(state.get("pending", [])) + [p for p in self._pending if p not in state.get("pending", [])]
+        self._trial_info.update(state.get("trial_info", {}))
+
     def _key(self, trial) -> str:
         return f"{self.parent_run_id}/{self.stage}/{trial.trial_id}"
 
-    def run_id(self, trial) -> str:
+    # --- the queue --------------------------------------------------------------------
+    def _remember(self, trial) -> str:
         key = self._key(trial)
+        if key not in self._trial_info:
+            stage_cfg = trial.config.get("stage", {})
+            self._trial_info[key] = {"trial_id": trial.trial_id, "config": stage_cfg}
+        return key
+
+    def _enqueue(self, trial, op: str, payload: Any = None) -> None:
+        self._pending.append((self._remember(trial), op, payload))
+        self.flush()
+
+    def flush(self, patience_s: float = 0.0) -> bool:
+        """Send queued writes in order; stop at the first outage (they stay queued). With
+        `patience_s`, keep retrying that long. True when the queue is empty."""
+        deadline = time.monotonic() + patience_s
+        if (not patience_s and self._outage_since is not None
+                and time.monotonic() - getattr(self, "_last_try", 0.0) < RETRY_EVERY_S):
+            return False  # in an outage: try again in a while, do not stall Tune on every result
+        self._last_try = time.monotonic()
+        while self._pending:
+            key, op, payload = self._pending[0]
+            try:
+                self._apply(key, op, payload)
+            except Exception as exc:  # noqa: BLE001 - an outage is retried, anything else is re-raised
+                if not _is_outage(exc):
+                    raise
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    print(f"warning: MLflow at {self.uri} is unreachable; {len(self._pending)} write(s) queued, "
+                          "training goes on and they are sent when it is back", flush=True)
+                self._client = None
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+                continue
+            self._pending.pop(0)
+        if self._outage_since is not None:
+            print(f"MLflow at {self.uri} is back after {time.monotonic() - self._outage_since:.0f}s; "
+                  "queued writes sent", flush=True)
+            self._outage_since = None
+        return True
+
+    def _apply(self, key: str, op: str, payload: Any) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._run_for(key)
+        if op == "start":
+            return
+        if op == "params":
+            self._log_params(run_id, payload)
+        elif op == "metrics":
+            items = [Metric(k, v, ts, step) for k, v, ts, step in payload]
+            for i in range(0, len(items), 500):
+                self.client.log_batch(run_id, metrics=items[i:i + 500])
+        elif op == "tag":
+            self.client.set_tag(run_id, *payload)
+        elif op == "artifact":
+            if Path(payload).exists():
+                self.client.log_artifact(run_id, payload)
+        elif op == "end":
+            self.client.set_terminated(run_id, status=payload)
+
+    def _run_for(self, key: str) -> str:
         if key in self._runs:
             return self._runs[key]
         found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TRIAL_KEY}` = '{key}'",
                                         max_results=1)
+        info = self._trial_info.get(key, {"trial_id": key.rsplit("/", 1)[-1], "config": {}})
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            stage_cfg = trial.config.get("stage", {})
+            stage_cfg = info["config"]
             dp = stage_cfg.get("dp", {}).get("enabled", self.dp)  # dp.enabled may itself be searched
             model = stage_cfg.get("model", {}).get("kind", self.model)
             tags = {"mlflow.parentRunId": self.parent_run_id, ROLE: "trial", STAGE: self.stage,
                     MODEL: model, DP: str(bool(dp)).lower(), TRIAL_KEY: key,
-                    "orchestrator.trial_id": trial.trial_id, **self.extra_tags}
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{self.stage}-{trial.trial_id}")
+                    "orchestrator.trial_id": info["trial_id"], **self.extra_tags}
+            run = self.client.create_run(self.experiment_id, tags=tags,
+                                         run_name=f"{self.stage}-{info['trial_id']}")
             run_id = run.info.run_id
             params = {k: _param_value(v) for k, v in flatten(stage_cfg).items()}
             params.update({k: _param_value(v) for k, v in self.extra_params.items()})
             self._log_params(run_id, params)
         self._runs[key] = run_id
         return run_id
+
+    def run_id(self, trial) -> Optional[str]:
+        """The trial's MLflow run id (None while the server is unreachable)."""
+        key = self._remember(trial)
+        try:
+            return self._run_for(key)
+        except Exception as exc:  # noqa: BLE001
+            if _is_outage(exc):
+                return None
+            raise
 
     def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
@@ -120,16 +233,14 @@ class MlflowTrialLogger(tune.Callback):
             self.client.log_batch(run_id, params=items[i:i + 100])
         self._params_logged.update((run_id, p.key) for p in items)
 
+    # --- Tune hooks ---------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_id(trial)
+        self._enqueue(trial, "start")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
-
-        run_id = self.run_id(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+        metrics = [(k, float(v), now, step) for k, v in result.items()
                    if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)
                    and math.isfinite(float(v))]
         # Facts known only inside the trial (the sigma solved from a target epsilon, the
@@ -137,18 +248,69 @@ class MlflowTrialLogger(tune.Callback):
         params = {k: _param_value(v) for k, v in result.items() if k.startswith("privacy.")}
         params.update({k[len("param."):]: _param_value(v) for k, v in result.items() if k.startswith("param.")})
         if params:
-            self._log_params(run_id, params)
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 500])
+            self._enqueue(trial, "params", params)
+        self._enqueue(trial, "metrics", metrics)
         if result.get("checkpoint_path"):
             ckpt = str(result["checkpoint_path"])
-            self.client.set_tag(run_id, "orchestrator.checkpoint", ckpt)
+            self._enqueue(trial, "tag", ("orchestrator.checkpoint", ckpt))
             for name in ARTIFACTS:
                 if (Path(ckpt) / name).exists():
-                    self.client.log_artifact(run_id, str(Path(ckpt) / name))
+                    self._enqueue(trial, "artifact", str(Path(ckpt) / name))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.client.set_terminated(self.run_id(trial), status="FINISHED")
+        self._enqueue(trial, "end", "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.client.set_terminated(self.run_id(trial), status="FAILED")
+        self._enqueue(trial, "end", "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        if not self.flush(patience_s=float(os.environ.get("ORCHESTRATOR_MLFLOW_PATIENCE_S", "600"))):
+            print(f"warning: MLflow at {self.uri} stayed unreachable; {len(self._pending)} write(s) kept in the "
+                  "Tune experiment state: `--resume` sends them", flush=True)
+
+
+def with_patience(fn, *args, patience_s: float = 600.0, what: str = "MLflow", **kwargs):
+    """Call a tracking function, waiting out a server outage (restart) for up to `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    warned = False
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            if not _is_outage(exc) or time.monotonic() >= deadline:
+                raise
+            if not warned:
+                print(f"warning: {what} unreachable; retrying for up to {patience_s:.0f}s", flush=True)
+                warned = True
+            time.sleep(5.0)
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """An http(s) tracking URI must answer before any training starts."""
+    import requests
+
+    from orchestrator.errors import ConfigError
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    base = uri.rstrip("/")
+    try:
+        r = requests.get(f"{base}/health", timeout=timeout_s)
+        ok = r.status_code == 200
+        if not ok:  # some deployments put MLflow behind a proxy without /health
+            r = requests.get(f"{base}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                             timeout=timeout_s)
+            ok = r.status_code == 200
+        detail = f"HTTP {r.status_code}"
+    except requests.exceptions.RequestException as exc:
+        ok, detail = False, type(exc).__name__
+    if not ok:
+        raise ConfigError(f"tracking.uri: the MLflow server at {redact(uri)} does not answer ({detail}); "
+                          "expected a running `mlflow server` (see cluster/mlflow-server.sh)")
+
+
+def redact(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://***@host` (for anything printed or logged)."""
+    import re
+
+    return re.sub(r"(://)[^/@\s:]+(:[^/@\s]*)?@", r"\1***@", str(text))

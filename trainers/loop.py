@@ -29,6 +29,7 @@ from orchestrator.config import DataConfig, StageConfig
 from trainers.checkpoints import CHECKPOINT_FILE, adapter_from_record, compression_record, load_state
 from trainers.data import VolumeDataset, validate_dataset
 from trainers.generators import freeze_all_but_attention, resolve_latent_scale, write_sample_grid
+from trainers.trial_eval import evaluate_trial
 from trainers.privacy import (PoissonSampler, make_dp_stepper, PrivacyFacts, ShuffleSampler, Stepper,
                               solve_noise_multiplier, steps_per_epoch)
 
@@ -255,11 +256,19 @@ def train_worker(config: dict) -> None:
                             "aux": adapter.aux_state() if hasattr(adapter, "aux_state") else {},
                             "ema_model": ema.state_dict() if ema is not None else None, **extra_state},
                            os.path.join(tmp, CHECKPOINT_FILE))
-                if epoch + 1 == stage.train.epochs and hasattr(adapter, "sample") and stage.train.sample_grid:
+                if epoch + 1 == stage.train.epochs:
                     if ema is not None:  # the last epoch: what sampling will use from now on
                         stepper.network.load_state_dict(ema.state_dict())
-                    write_sample_grid(adapter, test_set, stage.train.sample_grid, os.path.join(tmp, "samples.png"),
-                                      show_real=not data_cfg.private or not stage.dp.enabled)
+                    stepper.network.eval()
+                    if stage.eval.enabled and len(test_set):
+                        metrics.update(evaluate_trial(adapter, stage, data_cfg, test_set, device, pbs))
+                        print(f"[{meta['stage']}] evaluation on {int(metrics['eval/n_samples'])} test volumes: "
+                              + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                         if k.startswith(("fidelity/", "control/r_mean", "control/ed_es")))
+                              + f" ({metrics['time/eval_s']:.1f}s)", flush=True)
+                    if hasattr(adapter, "sample") and stage.train.sample_grid:
+                        write_sample_grid(adapter, test_set, stage.train.sample_grid, os.path.join(tmp, "samples.png"),
+                                          show_real=not data_cfg.private or not stage.dp.enabled)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)

@@ -1,0 +1,46 @@
+"""Placement: what a trial reserves, how many run at once, and trials that can never fit
+(refused before the sweep starts). `cluster_plan` reads the cluster's alive nodes; here the
+node lists are given directly (the shapes `ray.nodes()` reports)."""
+import pytest
+
+from orchestrator.config import parse_sweep
+from orchestrator.errors import UserError
+from orchestrator.launch import cluster_plan
+
+
+def cfg(**cluster):
+    return parse_sweep({"name": "p", "cluster": {"address": "auto", **cluster}, "stages": [{"name": "a"}]})
+
+
+def test_cpu_only_cluster_fits_trials_by_cpus():
+    nodes = [{"CPU": 16}, {"CPU": 16}]
+    assert cluster_plan(cfg(workers_per_trial=2, cpus_per_worker=4), None, nodes) == (False, 4)
+    assert cluster_plan(cfg(workers_per_trial=2, cpus_per_worker=4, max_concurrent_trials=1), None, nodes) == (False, 1)
+
+
+def test_gpus_decide_concurrency_and_fractions_pack_small_trials():
+    nodes = [{"CPU": 16, "GPU": 4}, {"CPU": 16, "GPU": 4}]
+    assert cluster_plan(cfg(workers_per_trial=2), None, nodes) == (True, 4)
+    # quarter-GPU single-worker trials: 4 per GPU, bounded by CPUs (32 / 1)
+    assert cluster_plan(cfg(workers_per_trial=1, gpus_per_worker=0.25), None, nodes) == (True, 32)
+    assert cluster_plan(cfg(workers_per_trial=1, gpus_per_worker=0.25, cpus_per_worker=2), None, nodes) == (True, 16)
+    assert cluster_plan(cfg(use_gpu=False), None, nodes)[0] is False
+
+
+@pytest.mark.parametrize("cluster, nodes, key", [
+    ({"workers_per_trial": 8, "cpus_per_worker": 4}, [{"CPU": 16}], "cluster.workers_per_trial"),
+    ({"cpus_per_worker": 32}, [{"CPU": 16}, {"CPU": 16}], "cluster.cpus_per_worker"),
+    ({"use_gpu": True}, [{"CPU": 16}], "cluster.use_gpu"),
+    ({"workers_per_trial": 3, "gpus_per_worker": 2}, [{"CPU": 16, "GPU": 4}], "cluster.workers_per_trial"),
+    ({"gpus_per_worker": 8}, [{"CPU": 16, "GPU": 4}, {"CPU": 16, "GPU": 4}], "cluster.gpus_per_worker"),
+    ({"workers_per_trial": 2, "gpus_per_worker": 0.5}, [{"CPU": 16, "GPU": 4}], "cluster.gpus_per_worker"),
+])
+def test_trials_that_can_never_fit_are_refused(cluster, nodes, key):
+    with pytest.raises(UserError) as err:
+        cluster_plan(cfg(**cluster), None, nodes)
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_local_ray_keeps_one_declared_cpu_for_trial_drivers():
+    local = parse_sweep({"name": "p", "stages": [{"name": "a"}]})
+    assert cluster_plan(local, None, [{"CPU": 3}]) == (False, 2)

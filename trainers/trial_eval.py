@@ -1,0 +1,65 @@
+"""The end-of-trial evaluation on the test split (rank 0, after the last epoch).
+
+Compression models: reconstruction MSE / PSNR / SSIM of `eval.n_samples` test volumes.
+Generators: as many volumes generated with those test volumes' labels, scored against
+them (Frechet distance in the configured feature space, MMD, MS-SSIM diversity), and the
+labels measured back on the generated volumes (controllability: Pearson r and MAE per
+label, end-diastole/end-systole accuracy). Metric names: `fidelity/...`, `control/...`,
+and `time/eval_s`.
+
+The test split may be private. These numbers are what the researcher reads, like
+`val/loss`; choosing a trial by them is a release that the tuning cost in the privacy
+ledger accounts for (orchestrator/ledger.py).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from models import GENERATOR_FAMILIES
+from orchestrator.config import DataConfig, StageConfig
+from trainers.evaluation import control_scores, generation_metrics, reconstruction_metrics
+from trainers.features import load_feature_extractor, load_label_measurer
+
+EVAL_SEED = 4321
+
+
+def _test_batch(test_set, n: int):
+    items = [test_set[i] for i in range(min(n, len(test_set)))]
+    stack = lambda k: torch.stack([it[k] for it in items])  # noqa: E731
+    return stack("image"), stack("labels"), stack("label_mask")
+
+
+@torch.no_grad()
+def evaluate_trial(adapter, stage: StageConfig, data: DataConfig, test_set, device, chunk: int) -> dict:
+    cfg = stage.eval
+    t0 = time.perf_counter()
+    real, labels, mask = _test_batch(test_set, cfg.n_samples)
+    metrics: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EVAL_SEED)
+        if stage.model.kind in GENERATOR_FAMILIES:
+            gen = torch.Generator().manual_seed(EVAL_SEED)
+            fakes = [adapter.sample(labels[i:i + chunk].to(device), mask[i:i + chunk].to(device), generator=gen,
+                                    num_inference_steps=cfg.sampling_steps).cpu()
+                     for i in range(0, len(real), chunk)]
+            fake = torch.cat(fakes).clamp(0, 1)
+            extractor = load_feature_extractor(cfg.feature_network, cfg.feature_mode, cfg.slices, device="cpu")
+            metrics.update(generation_metrics(real, fake, extractor))
+            measurer = load_label_measurer(cfg.label_network, list(data.labels), cfg.label_network_outputs)
+            if measurer is not None:
+                measured = measurer(fake)
+                lab = labels.numpy().astype(np.float64)
+                lab[~mask.numpy()] = np.nan
+                requested = {name: lab[:, j] for j, name in enumerate(data.labels) if name in measured}
+                metrics.update(control_scores(requested, measured))
+        else:
+            recon = torch.cat([adapter.decode_latent(adapter.encode_latent(real[i:i + chunk].to(device))).cpu()
+                               for i in range(0, len(real), chunk)])
+            metrics.update(reconstruction_metrics(real, recon.clamp(0, 1)))
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["time/eval_s"] = time.perf_counter() - t0
+    metrics["eval/n_samples"] = float(len(real))
+    return metrics
