@@ -79,3 +79,71 @@ def test_worker_killed_mid_epoch_trial_completes_and_epsilon_keeps_the_lost_step
     assert values == sorted(values)  # epsilon never goes back
     q = float(run.data.params["privacy.sample_rate"])
     assert run.data.metrics["privacy/epsilon"] == pytest.approx(independent_epsilon(1.0, q, steps, 1e-3, "rdp"), rel=0.01)
+
+
+def _trial_runs(db, name):
+    if not (db.parent / "launch.json").exists():
+        return []
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.role` = 'trial'") if exp else []
+
+
+def test_launch_killed_mid_sweep_resumes_and_keeps_epsilon_continuous(tmp_path):
+    """SIGKILL of the launch process (and with it the local Ray it started) while the second
+    of two DP trials trains; `--resume` keeps the finished trial, finishes the other from its
+    last checkpoint, and its epsilon history never goes back."""
+    n_train, batch, epochs = 32, 8, 4
+    sweep = {
+        "name": "killed", "output": "runs/k",
+        "data": {"root": "data/p", "labels": ["LVEDV"], "shape": [5, 16, 16],
+                 "synthesize": {"kind": "phantom", "n": 40, "seed": 3}},
+        "privacy": {"delta": 1e-3, "accountant": "rdp"},
+        "cluster": {"workers_per_trial": 1, "max_concurrent_trials": 1},
+        "stages": [{"name": "ae", "model": {"kind": "beta_vae", "channels": [4, 8], "norm_num_groups": 4},
+                    "train": {"epochs": epochs, "batch_size": batch, "physical_batch_size": 4},
+                    "dp": {"enabled": True, "noise_multiplier": 1.0},
+                    "eval": {"n_samples": 4},
+                    "search": {"parameters": {"dp.noise_multiplier": {"values": [1.0, 1.3]}}}}],
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    db = tmp_path / "runs/k/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    deadline = time.time() + 600
+
+    def second_trial_epochs():
+        runs = _trial_runs(db, "killed")
+        if len(runs) < 2 or not any(r.info.status == "FINISHED" for r in runs):
+            return 0
+        running = [r for r in runs if r.info.status != "FINISHED"]
+        return len(client.get_metric_history(running[0].info.run_id, "val/loss")) if running else 0
+
+    while second_trial_epochs() < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the launch ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)   # the launch and everything it started, as a crashed node
+    proc.communicate(timeout=60)
+
+    resumed = subprocess.run([sys.executable, "-m", "orchestrator.launch", str(path), "--resume"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    runs = _trial_runs(db, "killed")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "val/loss")})
+        assert steps == list(range(1, epochs + 1))
+        by_step = {}
+        for m in client.get_metric_history(run.info.run_id, "privacy/epsilon"):
+            by_step[m.step] = max(by_step.get(m.step, 0), m.value)
+        values = [by_step[k] for k in sorted(by_step)]
+        assert values == sorted(values), "epsilon went back after the resume"
+        sigma = float(run.data.params["privacy.noise_multiplier"])
+        q = float(run.data.params["privacy.sample_rate"])
+        n_steps = int(run.data.metrics["privacy/steps"])
+        assert n_steps >= epochs * math.ceil(n_train / batch)
+        assert run.data.metrics["privacy/epsilon"] == pytest.approx(
+            independent_epsilon(sigma, q, n_steps, 1e-3, "rdp"), rel=0.01)
+        assert "fidelity/mse" in run.data.metrics

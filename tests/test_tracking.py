@@ -1,17 +1,17 @@
-"""MLflow over http: a real `mlflow server` on loopback. An outage (server restart) queues
-the trial logger's writes without stopping anything; they all arrive once it is back."""
+"""MLflow over http: an unreachable server is one clear error before anything trains;
+credentials never reach logs. Helpers to run a real `mlflow server` on loopback (used by
+tests/test_mlflow_server.py, where the server restarts mid-sweep)."""
 import os
 import socket
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import requests
 
 from orchestrator.errors import ConfigError
-from orchestrator.tracking import MlflowTrialLogger, check_reachable, client_for, ensure_experiment, redact
+from orchestrator.tracking import check_reachable, redact
 
 
 def free_port() -> int:
@@ -60,42 +60,16 @@ def test_redact_hides_credentials_only():
     assert redact("sqlite:////tmp/a@b/mlflow.db") == "sqlite:////tmp/a@b/mlflow.db"
 
 
-@pytest.mark.heavy
-def test_logger_survives_a_server_restart(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    monkeypatch.setattr("orchestrator.tracking.RETRY_EVERY_S", 0.0)
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port)
-    try:
-        client = client_for(uri)
-        exp = ensure_experiment(client, "outage", None)
-        parent = client.create_run(exp, tags={"orchestrator.role": "sweep"}).info.run_id
-        logger = MlflowTrialLogger(uri, exp, parent, stage="s", model="beta_vae", dp=True)
-        trial = SimpleNamespace(trial_id="t1", config={"stage": {"train": {"lr": 0.001}}})
-        art = tmp_path / "samples.png"
-        art.write_bytes(b"\x89PNG fake bytes are fine for an artifact")
-        logger.on_trial_start(0, [], trial)
-        logger.on_trial_result(0, [], trial, {"epoch": 1, "train/loss": 1.0, "privacy/epsilon": 0.5})
+def test_launch_with_unreachable_tracking_server_stops_before_training(tmp_path, capsys):
+    import yaml
 
-        stop_server(server)
-        t0 = time.monotonic()
-        for epoch in (2, 3):   # the server is down: queued, the sweep goes on
-            logger.on_trial_result(0, [], trial, {"epoch": epoch, "train/loss": 1.0 / epoch,
-                                                  "privacy/epsilon": 0.5 * epoch, "privacy.noise_multiplier": 1.1})
-        logger._enqueue(trial, "artifact", str(art))
-        logger.on_trial_complete(0, [], trial)
-        assert time.monotonic() - t0 < 60
-        assert logger._pending, "writes made during the outage are queued"
+    from orchestrator.launch import main
 
-        server = start_server(tmp_path, port)
-        assert logger.flush(patience_s=60)
-        run_id = logger.run_id(trial)
-        history = client_for(uri).get_metric_history(run_id, "privacy/epsilon")
-        assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 1.0), (3, 1.5)]
-        run = client_for(uri).get_run(run_id)
-        assert run.info.status == "FINISHED" and run.data.params["privacy.noise_multiplier"] == "1.1"
-        assert [a.path for a in client_for(uri).list_artifacts(run_id)] == ["samples.png"]
-    finally:
-        stop_server(server)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "x", "output": str(tmp_path / "out"),
+                                     "tracking": {"uri": f"http://127.0.0.1:{free_port()}"},
+                                     "stages": [{"name": "a"}]}))
+    assert main([str(sweep)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: tracking.uri: ")
+    assert not (tmp_path / "out" / "launch.json").exists()

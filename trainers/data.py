@@ -160,6 +160,11 @@ def _save_cache(cache_dir, old: dict, live: dict, paths: set[str]) -> None:
 def _read_index(index_file: Path, shown: str, split: str, allow_pickle: bool) -> list[str]:
     if not index_file.is_file():
         raise DataError(f"index file {shown} is missing; expected a 1-D string array of {split} sample paths")
+    with open(index_file, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":  # else np.load falls back to unpickling, or says "pickled data"
+        raise DataError(f"index file {shown} is not a .npy file (starts with {magic!r}); expected a 1-D string array "
+                        f"of {split} sample paths written by np.save")
     try:
         arr = np.load(index_file, allow_pickle=allow_pickle)
     except ValueError as e:

@@ -1,0 +1,70 @@
+"""A sweep logging to a real `mlflow server` over http, with the server restarted mid-sweep:
+nothing is lost (every epoch of every trial, the parent's artifacts), and the sweep never
+stops for the outage."""
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.test_tracking import free_port, start_server, stop_server
+
+pytestmark = pytest.mark.heavy
+
+
+def test_sweep_over_http_survives_a_server_restart(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path / "server", port)
+    epochs = 4
+    sweep = {
+        "name": "over_http", "output": "runs/h",
+        "data": {"root": "data/p", "labels": ["LVEDV", "ESED"], "shape": [5, 16, 16],
+                 "synthesize": {"kind": "phantom", "n": 30, "seed": 4}},
+        "privacy": {"delta": 1e-3},
+        "cluster": {"workers_per_trial": 1, "max_concurrent_trials": 1},
+        "tracking": {"uri": uri},
+        "stages": [{"name": "ae", "model": {"kind": "beta_vae", "channels": [4, 8], "norm_num_groups": 4},
+                    "train": {"epochs": epochs, "batch_size": 8, "physical_batch_size": 4},
+                    "dp": {"enabled": True, "noise_multiplier": 1.0}, "eval": {"n_samples": 4},
+                    "search": {"parameters": {"model.latent_channels": {"values": [2, 3]}}}}],
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.time() + 600
+        logged = 0
+        while logged < 1 and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+            exp = client.get_experiment_by_name("over_http")
+            runs = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'trial'") if exp else []
+            logged = max([len(client.get_metric_history(r.info.run_id, "val/loss")) for r in runs] or [0])
+        assert proc.poll() is None, "the sweep ended before the server could be restarted"
+        stop_server(server)
+        time.sleep(20)   # the sweep trains on while nothing answers
+        server = start_server(tmp_path / "server", port)
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-4000:]
+        assert "unreachable" in out and "is back" in out
+
+        exp = client.get_experiment_by_name("over_http")
+        runs = client.search_runs([exp.experiment_id])
+        parent = [r for r in runs if r.data.tags.get("orchestrator.role") == "sweep"]
+        trials = [r for r in runs if r.data.tags.get("orchestrator.role") == "trial"]
+        assert len(parent) == 1 and len(trials) == 2
+        for run in trials:
+            assert run.info.status == "FINISHED"
+            steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "privacy/epsilon")})
+            assert steps == list(range(1, epochs + 1)), "epochs logged during the outage were lost"
+            assert "fidelity/ssim" in run.data.metrics and "privacy/epsilon_total" in run.data.metrics
+        names = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+        assert {"sweep.yaml", "privacy_ledger.json", "report"} <= names
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_server(server)
