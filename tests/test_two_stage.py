@@ -1,5 +1,8 @@
-"""The two-stage study end to end on a local Ray: compression model -> label-conditioned LDM
-pretrained on public data -> DP fine-tuning on private data; then sampling from it."""
+"""The two-stage study end to end on a local Ray: DP compression model on private data ->
+label-conditioned LDM pretrained on public data -> DP fine-tuning on private data; then the
+evaluation metrics, the privacy ledger (checked against dp-accounting), the report, and
+sampling from the fine-tuned generator."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,18 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.heavy
+
+
+def independent_composition(mechanisms, delta):
+    """dp-accounting's RDP accountant over several (sigma, q, steps) mechanisms."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = rdp_privacy_accountant.RdpAccountant()
+    for sigma, q, steps in mechanisms:
+        acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)),
+                                                 steps))
+    return acc.get_epsilon(delta)
 
 LDM = {"kind": "ldm", "channels": [8, 16], "num_head_channels": 4, "norm_num_groups": 4,
        "label_embedding_dim": 8, "num_train_timesteps": 50, "num_inference_steps": 3}
@@ -26,15 +41,17 @@ def test_compression_then_pretrained_ldm_then_dp_finetune(tmp_path):
         "privacy": {"delta": 1e-3, "accountant": "rdp"},
         "cluster": {"workers_per_trial": 1},
         "stages": [
-            {"name": "ae", "data": public, "dp": {"enabled": False},
+            # DP on the private data: everything downstream carries its cost
+            {"name": "ae", "dp": {"enabled": True, "noise_multiplier": 1.2},
              "model": {"kind": "vq_vae", "channels": [4, 8], "num_embeddings": 16, "embedding_dim": 2},
-             "train": {"epochs": 1, "batch_size": 4, "physical_batch_size": 4}},
+             "train": {"epochs": 1, "batch_size": 4, "physical_batch_size": 4}, "eval": {"n_samples": 4}},
             {"name": "pre", "needs": "ae", "data": public, "dp": {"enabled": False}, "model": LDM,
-             "train": {"epochs": 1, "batch_size": 4, "physical_batch_size": 4, "sample_grid": 2}},
+             "train": {"epochs": 1, "batch_size": 4, "physical_batch_size": 4, "sample_grid": 2},
+             "eval": {"n_samples": 4}},
             {"name": "dp", "needs": "ae", "init_from": "pre", "model": LDM,
              "dp": {"enabled": True, "noise_multiplier": 1.0},
              "train": {"epochs": 1, "batch_size": 4, "physical_batch_size": 2, "finetune": "attention",
-                       "sample_grid": 2}},
+                       "sample_grid": 2}, "eval": {"n_samples": 4}},
         ],
     }
     path = tmp_path / "sweep.yaml"
@@ -62,6 +79,30 @@ def test_compression_then_pretrained_ldm_then_dp_finetune(tmp_path):
     assert dp.tags["orchestrator.dp"] == "true" and dp.metrics["privacy/epsilon"] > 0
     assert int(dp.params["train.trainable_parameters"]) > 0
     assert "samples.png" in [a.path for a in client.list_artifacts(trials["dp"].info.run_id)]
+
+    # evaluation on the test split
+    assert {"fidelity/mse", "fidelity/psnr", "fidelity/ssim"} <= set(trials["ae"].data.metrics)
+    for run in (trials["pre"], trials["dp"]):
+        assert {"fidelity/fd", "fidelity/mmd", "control/ed_es_accuracy", "time/eval_s"} <= set(run.data.metrics)
+
+    # the ledger: the public pretraining adds nothing, the DP compression model and the DP
+    # fine-tune compose, and dp-accounting agrees
+    def facts(run):
+        return (float(run.data.params["privacy.noise_multiplier"]), float(run.data.params["privacy.sample_rate"]),
+                int(run.data.metrics["privacy/steps"]))
+    ae_f, dp_f = facts(trials["ae"]), facts(trials["dp"])
+    assert pre.metrics["privacy/epsilon_total"] == pytest.approx(trials["ae"].data.metrics["privacy/epsilon"], rel=1e-6)
+    assert dp.metrics["privacy/epsilon_total"] == pytest.approx(independent_composition([ae_f, dp_f], 1e-3), rel=0.01)
+    assert dp.metrics["privacy/epsilon_total"] > dp.metrics["privacy/epsilon"]
+    parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("orchestrator.role") == "sweep"][0]
+    assert parent.data.metrics["privacy/epsilon_total"] == pytest.approx(dp.metrics["privacy/epsilon_total"])
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"privacy_ledger.json", "report"} <= names
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(parent.info.run_id, "report"))
+    ledger = json.loads((tmp_path / "runs/two/privacy_ledger.json").read_text())
+    dp_key = dp.tags["orchestrator.trial_key"]
+    assert [m["stage"] for m in ledger["trials"][dp_key]["datasets"][str(tmp_path / "data/private")]["mechanisms"]] \
+        in (["ae", "dp"], ["dp", "ae"])
 
     out = tmp_path / "s.npz"
     proc = subprocess.run([sys.executable, "-m", "orchestrator.sample", "--output", "runs/two", "--run",
