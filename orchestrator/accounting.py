@@ -50,13 +50,16 @@ def lineage(row: dict, by_key: dict[str, dict]) -> list[dict]:
 def lineage_total(row: dict, by_key: dict[str, dict], delta: float, accountant: str) -> tuple[float, dict]:
     members = lineage(row, by_key)
     leaks = [m for m in members if m.get("private") and not m.get("dp")]
+    unknown = [m for m in members if m.get("private") and m.get("dp") and mechanism_of(m) is None]
     mechs = [mech for m in members if m.get("private") and (mech := mechanism_of(m)) is not None]
     book = L.ledger_for(mechs, delta, accountant)
     book["lineage"] = [m["key"] for m in members]
-    if leaks:
+    if leaks or unknown:   # never a finite number that might under-report
         book["epsilon_total"] = INF
-        book["not_private"] = [f"{m['stage']}/{m['trial_id']} trained on private data {m['data']} without DP"
-                               for m in leaks]
+        book["not_private"] = ([f"{m['stage']}/{m['trial_id']} trained on private data {m['data']} without DP"
+                                for m in leaks]
+                               + [f"{m['stage']}/{m['trial_id']} reported no privacy facts (failed before "
+                                  "its first epoch?)" for m in unknown])
     return book["epsilon_total"], book
 
 
@@ -87,6 +90,9 @@ def stage_tuning(stage: StageConfig, plan, rows: list[dict], delta: float, accou
         return out
     if any(not r.get("dp") for r in rows):
         out.update(note="trials trained on private data without DP: selection is not private", epsilon_naive=INF)
+        return out
+    if any(mechanism_of(r) is None for r in rows):
+        out.update(note="a DP trial reported no privacy facts: selection cost unknown", epsilon_naive=INF)
         return out
     per_trial = [[m] for r in rows if (m := mechanism_of(r)) is not None]
     out["epsilon_naive"] = L.naive_tuning_epsilon(per_trial, delta, accountant) if per_trial else 0.0

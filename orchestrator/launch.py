@@ -1,4 +1,4 @@
-"""`python -m orchestrator.launch SWEEP.yaml [--output DIR] [--smoke-test] [--resume] [--address ADDR]`
+"""`python -m orchestrator.launch SWEEP.yaml [--output DIR] [--smoke-test] [--resume] [--address ADDR] [--tracking-uri URI]`
 
 Turns one sweep file into a whole study: validate (exit 2 on bad input, before anything
 starts), start or join Ray, open the MLflow parent run, run each stage's Tune sweep in
@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from orchestrator.errors import UserError
@@ -26,6 +25,7 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true",
                    help="finish an interrupted launch in the same output folder (finished trials are kept)")
     p.add_argument("--address", help="override `cluster.address` (e.g. auto, ray://host:10001)")
+    p.add_argument("--tracking-uri", help="override `tracking.uri` (e.g. http://127.0.0.1:5000)")
     return p.parse_args(argv)
 
 
@@ -40,6 +40,8 @@ def load_and_check(args):
         cfg.output = args.output
     if args.address:
         cfg.cluster.address = args.address
+    if args.tracking_uri:
+        cfg.tracking.uri = args.tracking_uri
     if args.smoke_test:
         apply_smoke_test(cfg)
     out = cfg.output_dir
@@ -88,8 +90,6 @@ def _alive_nodes(ray) -> list[dict]:
 def cluster_plan(cfg, ray, nodes: list[dict] | None = None):
     """(use GPUs?, trials at once). A trial that could never be placed on this cluster is a
     clear error now, not a sweep that waits forever for resources."""
-    from orchestrator.trial import DRIVER_CPUS
-
     c = cfg.cluster
     nodes = _alive_nodes(ray) if nodes is None else nodes
     total_cpu = sum(n.get("CPU", 0) for n in nodes)
@@ -157,8 +157,12 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        from orchestrator.tracking import redact
+
+        again = "".join(f" --{k.replace('_', '-')} {v}" for k, v in
+                        (("output", args.output), ("address", args.address), ("tracking_uri", args.tracking_uri)) if v)
         print(f"\ninterrupted; finish it with: python -m orchestrator.launch {args.sweep} --resume"
-              + (f" --output {args.output}" if args.output else ""), file=sys.stderr)
+              + redact(again), file=sys.stderr)
         return 130
 
 

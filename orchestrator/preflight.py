@@ -86,6 +86,16 @@ def check_model_files(cfg: SweepConfig, stage: StageConfig, data: DataConfig | N
     _local_file(cfg, stage, stage.model, "perceptual_network", "model", "TorchScript feature network")
     _local_file(cfg, stage, stage.eval, "feature_network", "eval", "TorchScript feature network")
     _local_file(cfg, stage, stage.eval, "label_network", "eval", "TorchScript label network")
+    for key in ("feature_network", "label_network"):
+        path = getattr(stage.eval, key)
+        if path:   # found out now, not when the first trial has trained for an hour
+            import torch
+
+            try:
+                torch.jit.load(path, map_location="cpu")
+            except Exception as exc:  # noqa: BLE001 - any failure to load is the same user error
+                raise ConfigError(f"stages[{stage.name}].eval.{key}: {path} is not a TorchScript file "
+                                  f"({type(exc).__name__}); expected a network saved with torch.jit.save")
     if data is not None and stage.eval.label_network_outputs:
         unknown = [x for x in stage.eval.label_network_outputs if x not in data.labels]
         if unknown:

@@ -325,7 +325,7 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
             continue
         init = selected[stage.init_from][0] if stage.init_from else None
         ups = selected[stage.needs] if stage.needs else [None]
-        count = trial_count(stage, state, client, parent)
+        count = trial_count(stage, state, out, client, parent)
         rows = []
         for up in ups:
             name = f"{cfg.name}-{stage.name}"

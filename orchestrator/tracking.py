@@ -26,6 +26,7 @@ from orchestrator.config import flatten
 
 ROLE, STAGE, MODEL, DP = "orchestrator.role", "orchestrator.stage", "orchestrator.model", "orchestrator.dp"
 TRIAL_KEY = "orchestrator.trial_key"
+REPLAY_KEY = "replay_history"   # see trainers/loop.py
 PARAM_LIMIT = 6000
 RETRY_EVERY_S = 10.0
 ARTIFACTS = ("samples.png",)  # files a trial leaves in its checkpoint for the driver to log  # MLflow's cap on a param value's length
@@ -189,6 +190,17 @@ class MlflowTrialLogger(tune.Callback):
                 self.client.log_artifact(run_id, payload)
         elif op == "end":
             self.client.set_terminated(run_id, status=payload)
+        elif op == "replay":
+            have = {m.step for m in self.client.get_metric_history(run_id, "train/loss")}
+            now = int(time.time() * 1000)
+            missing = [Metric(k, float(v), now, int(e["epoch"])) for e in payload
+                       if int(e.get("epoch", 0)) not in have
+                       for k, v in e.items() if "/" in k and math.isfinite(float(v))]
+            if missing:
+                print(f"[{self.stage}] trial {key.rsplit('/', 1)[-1]}: {len({m.step for m in missing})} epoch(s) "
+                      "checkpointed but not yet in MLflow when the launch stopped; logged now", flush=True)
+            for i in range(0, len(missing), 500):
+                self.client.log_batch(run_id, metrics=missing[i:i + 500])
 
     def _run_for(self, key: str) -> str:
         if key in self._runs:
@@ -238,6 +250,9 @@ class MlflowTrialLogger(tune.Callback):
         self._enqueue(trial, "start")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(REPLAY_KEY):   # a trial restored from a checkpoint replays its history
+            self._enqueue(trial, "replay", [e for e in result[REPLAY_KEY] if isinstance(e, dict)])
+            return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [(k, float(v), now, step) for k, v in result.items()

@@ -115,6 +115,15 @@ LDM3 = {"name": "ldm3", "model": {"kind": "ldm", "channels": [8, 16], "norm_num_
         "train": {"epochs": 1, "batch_size": 4, "physical_batch_size": 2}, "dp": {"enabled": True, "noise_multiplier": 1.0}}
 
 
+def junk_network(key: str, **extra):
+    """A file that exists but is no TorchScript network (e.g. a state_dict or a typo'd path)."""
+    def change(raw):
+        junk = Path(raw["output"]).parent / "junk.pt"
+        junk.write_text("not a TorchScript archive")
+        raw["stages"][1].setdefault("eval", {}).update({key: str(junk), **extra})
+    return change
+
+
 def text(s: str):
     """A case given as the sweep file's literal text."""
     return lambda raw: s
@@ -281,6 +290,12 @@ SWEEP_CASES = [
      ["stages[ldm].eval.label_network_outputs: expected the label names"]),
     ("eval-feature-network-missing", at("stages.1.eval", {"feature_network": "nets/fd.pt"}),
      ["stages[ldm].eval.feature_network", "fd.pt does not exist"]),
+    ("eval-feature-network-not-torchscript", junk_network("feature_network"),
+     ["stages[ldm].eval.feature_network", "is not a TorchScript file"]),
+    ("eval-label-network-not-torchscript", junk_network("label_network", label_network_outputs=["LVEDV"]),
+     ["stages[ldm].eval.label_network", "is not a TorchScript file"]),
+    ("eval-label-outputs-unknown", at("stages.1.eval", {"label_network_outputs": ["LVEDV", "HEIGHT"]}),
+     ["stages[ldm].eval.label_network_outputs", "'HEIGHT' is not one of data.labels"]),
     ("eval-n-samples-one", at("stages.1.eval", {"n_samples": 1}), ["stages[ldm].eval.n_samples", "greater than or equal to 2"]),
     ("random-count-typo", each(at("stages.0.search.method", "random"),
                                at("stages.0.search.num_samples", {"distribution": "poisson", "mena": 4})),

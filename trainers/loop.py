@@ -56,6 +56,14 @@ class WeightEMA:
         self.shadow = {k: v.clone() for k, v in state.items()}
 
 
+REPLAY_KEY = "replay_history"
+
+
+def _loggable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items()
+            if k == "epoch" or (isinstance(v, (int, float)) and not isinstance(v, bool) and "/" in k)}
+
+
 def _collate(dataset, indices, device):
     items = [dataset[int(i)] for i in indices]
     return {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "labels", "label_mask")}
@@ -172,6 +180,7 @@ def train_worker(config: dict) -> None:
     ema = WeightEMA(stepper.network, stage.train.ema_decay) if stage.train.ema_decay else None
 
     start_epoch = 0
+    history: list[dict] = []   # every epoch's metrics, kept in the checkpoint
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -184,9 +193,15 @@ def train_worker(config: dict) -> None:
         if ema is not None and state.get("ema_model"):
             ema.load_state_dict(state["ema_model"])
         start_epoch = int(state["epoch"])
+        history = list(state.get("history") or [])
         if rank == 0:
             print(f"[{meta['stage']}] resumed from epoch {start_epoch}"
                   + (f", {stepper.steps} DP steps already accounted" if stepper.dp else ""), flush=True)
+        if history:
+            # The launch may have died after this checkpoint was saved but before its metrics
+            # reached MLflow: the tracker logs whatever epochs of this history it lacks.
+            ray.train.report({**history[-1], **(facts.as_result() if facts else {}), REPLAY_KEY: history},
+                             checkpoint=None)
 
     if stepper.dp:
         # Noise added after the last checkpoint by a worker group that then died is still
@@ -237,31 +252,33 @@ def train_worker(config: dict) -> None:
         metrics.update({f"param.{k}": v for k, v in params.items()})
         if facts is not None:
             metrics.update({"privacy/epsilon": stepper.epsilon(facts.delta), "privacy/steps": stepper.steps,
-                            "privacy.noise_multiplier": facts.noise_multiplier,
-                            "privacy.sample_rate": facts.sample_rate, "privacy.delta": facts.delta,
-                            "privacy.accountant": facts.accountant, "privacy.max_grad_norm": facts.max_grad_norm,
-                            "privacy.steps_planned": facts.steps_planned})
+                            **facts.as_result()})
         if rank == 0:
             eps = f" eps={metrics['privacy/epsilon']:.3f} steps={metrics['privacy/steps']}" if facts else ""
             print(f"[{meta['stage']}] epoch {epoch + 1}/{stage.train.epochs} "
                   f"train/loss={metrics['train/loss']:.5f} val/loss={metrics['val/loss']:.5f}{eps} "
                   f"({elapsed:.1f}s)", flush=True)
+            history.append(_loggable(metrics))
             with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, CHECKPOINT_FILE)
                 torch.save({"model": stepper.network.state_dict(), "optimizer": base_opt.state_dict(),
                             "accountant": stepper.state_dict(), "epoch": epoch + 1,
                             "family": stage.model.kind, "model_config": stage.model.model_dump(),
                             "shape": list(data_cfg.shape), "labels": list(data_cfg.labels),
-                            "metrics": {k: v for k, v in metrics.items()
-                                        if isinstance(v, (int, float)) and "/" in k},
+                            "metrics": _loggable(metrics), "history": history,
                             "aux": adapter.aux_state() if hasattr(adapter, "aux_state") else {},
-                            "ema_model": ema.state_dict() if ema is not None else None, **extra_state},
-                           os.path.join(tmp, CHECKPOINT_FILE))
+                            "ema_model": ema.state_dict() if ema is not None else None, **extra_state}, path)
                 if epoch + 1 == stage.train.epochs:
                     if ema is not None:  # the last epoch: what sampling will use from now on
                         stepper.network.load_state_dict(ema.state_dict())
                     stepper.network.eval()
                     if stage.eval.enabled and len(test_set):
                         metrics.update(evaluate_trial(adapter, stage, data_cfg, test_set, device, pbs))
+                        # the evaluation goes into the checkpoint too, so a replay (below) has it
+                        history[-1] = _loggable(metrics)
+                        saved = torch.load(path, map_location="cpu", weights_only=True)
+                        saved.update(metrics=history[-1], history=history)
+                        torch.save(saved, path)
                         print(f"[{meta['stage']}] evaluation on {int(metrics['eval/n_samples'])} test volumes: "
                               + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                          if k.startswith(("fidelity/", "control/r_mean", "control/ed_es")))

@@ -111,6 +111,10 @@ class PrivacyFacts:
     max_grad_norm: float
     steps_planned: int
 
+    def as_result(self) -> dict:
+        """The `privacy.*` keys of a trial's result (the tracker logs them as params)."""
+        return {f"privacy.{k}": v for k, v in self.__dict__.items()}
+
 
 class Stepper:
     """Non-DP step: sums per-sample loss gradients over micro-batches, all-reduces across
