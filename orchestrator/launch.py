@@ -90,6 +90,8 @@ def _alive_nodes(ray) -> list[dict]:
 def cluster_plan(cfg, ray, nodes: list[dict] | None = None):
     """(use GPUs?, trials at once). A trial that could never be placed on this cluster is a
     clear error now, not a sweep that waits forever for resources."""
+    from orchestrator.trial import DRIVER_CPUS
+
     c = cfg.cluster
     nodes = _alive_nodes(ray) if nodes is None else nodes
     total_cpu = sum(n.get("CPU", 0) for n in nodes)
@@ -110,13 +112,25 @@ def cluster_plan(cfg, ray, nodes: list[dict] | None = None):
                             f"{c.cpus_per_worker:g} CPUs free for one worker")
     elif not any(n.get("CPU", 0) >= c.cpus_per_worker for n in nodes):
         raise UserError(f"cluster.cpus_per_worker: {c.cpus_per_worker:g}, but no node of {where} has that many CPUs")
-    # Local Ray declares one CPU more than the cores, for the trial drivers (see start_ray).
-    cpus = total_cpu - (1 if not c.address else 0)
     trial_cpu = c.workers_per_trial * c.cpus_per_worker
     if trial_cpu > total_cpu:
         raise UserError(f"cluster.workers_per_trial: a trial needs {c.workers_per_trial} x {c.cpus_per_worker:g} = "
                         f"{trial_cpu:g} CPUs, {where} has {total_cpu:g}")
-    fit = int(max(cpus, trial_cpu) // trial_cpu)
+    if c.address:
+        # Each trial's driver holds a sliver of CPU on some node, which can cost that node a
+        # whole worker slot; count the worst case so trials never wait on each other forever.
+        def slots(k: int) -> int:
+            whole = sum(int(n.get("CPU", 0) // c.cpus_per_worker) for n in nodes)
+            broken = sum(1 for n in sorted(nodes, key=lambda n: -n.get("CPU", 0))[:k]
+                         if (n.get("CPU", 0) - DRIVER_CPUS) // c.cpus_per_worker < n.get("CPU", 0) // c.cpus_per_worker)
+            return whole - broken
+        if slots(1) < c.workers_per_trial:
+            raise UserError(f"cluster.workers_per_trial: a trial needs {c.workers_per_trial} worker(s) of "
+                            f"{c.cpus_per_worker:g} CPUs plus {DRIVER_CPUS} CPU for its driver; {where} cannot place them")
+        fit = max(k for k in range(1, int(total_cpu // trial_cpu) + 1) if k * c.workers_per_trial <= slots(k))
+    else:
+        # Local Ray declares one CPU more than the cores, for the trial drivers (see start_ray).
+        fit = int(max(total_cpu - 1, trial_cpu) // trial_cpu)
     if use_gpu:
         trial_gpu = c.workers_per_trial * c.gpus_per_worker
         if trial_gpu > total_gpu:

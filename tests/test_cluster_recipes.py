@@ -26,8 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import typing
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -376,55 +374,6 @@ def test_mlflow_server_script_arguments_and_warning(tmp_path):
     assert args[args.index("--allowed-hosts") + 1] == "mlflow.internal:5000"
 
 
-@pytest.mark.heavy
-def test_mlflow_server_script_end_to_end(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    port = free_ports(1)[0]
-    env = {**os.environ, "MLFLOW_DIR": str(tmp_path / "mlflow"), "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
-    for key in ("MLFLOW_HOST", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(["bash", str(CLUSTER / "mlflow-server.sh")], cwd=tmp_path, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 75
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "no /health in 75 s:\n" + log_path.read_text()
-            time.sleep(0.5)
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.create_experiment("cluster-recipe-check")
-        assert client.get_experiment(exp).artifact_location.startswith("mlflow-artifacts:")
-        run = client.create_run(exp).info.run_id
-        client.log_metric(run, "val/loss", 0.25, step=1)
-        note = tmp_path / "note.txt"
-        note.write_text("through the server")
-        client.log_artifact(run, str(note))
-        client.set_terminated(run)
-        assert client.get_run(run).data.metrics == {"val/loss": 0.25}
-        assert [a.path for a in client.list_artifacts(run)] == ["note.txt"]
-        back = Path(client.download_artifacts(run, "note.txt", str(tmp_path / "dl")))
-        assert back.read_text() == "through the server"
-        # the server wrote it, under its artifacts destination
-        stored = list((tmp_path / "mlflow" / "artifacts").rglob("note.txt"))
-        assert len(stored) == 1 and stored[0].read_text() == "through the server"
-    finally:
-        kill_group(proc)
-    assert proc.poll() is not None
-    text = log_path.read_text()
-    assert f"  tracking: {{uri: {uri}}}" in text.splitlines() and "warning" not in text.split("Registry")[0]
-
-
-# --- ray_slurm.sh and slurm.sbatch -------------------------------------------------------------
 def _fake_bin(tmp_path: Path, ray_body: str) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)

@@ -89,10 +89,12 @@ def _trial_runs(db, name):
     return client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.role` = 'trial'") if exp else []
 
 
-def test_launch_killed_mid_sweep_resumes_and_keeps_epsilon_continuous(tmp_path):
-    """SIGKILL of the launch process (and with it the local Ray it started) while the second
-    of two DP trials trains; `--resume` keeps the finished trial, finishes the other from its
-    last checkpoint, and its epsilon history never goes back."""
+def test_interrupted_then_killed_launch_resumes_and_keeps_epsilon_continuous(tmp_path):
+    """Two DP trials, one at a time. Ctrl-C after the first finished, then `--resume`; SIGKILL
+    of that launch (and the local Ray it started, as a crashed node) while the second trains,
+    then `--resume` again. The finished trial is never rerun, the other continues from its
+    last checkpoint, MLflow holds one run per trial with every epoch, and epsilon never goes
+    back and equals dp-accounting's for the steps taken."""
     n_train, batch, epochs = 32, 8, 4
     sweep = {
         "name": "killed", "output": "runs/k",
@@ -109,29 +111,53 @@ def test_launch_killed_mid_sweep_resumes_and_keeps_epsilon_continuous(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(sweep))
     db = tmp_path / "runs/k/mlflow.db"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    deadline = time.time() + 600
+
+    def start(*extra):
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path), *extra], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def wait_for(condition, proc):
+        deadline = time.time() + 600
+        while not condition() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the launch ended before it could be interrupted"
+
+    def finished():
+        return sum(r.info.status == "FINISHED" for r in _trial_runs(db, "killed"))
 
     def second_trial_epochs():
-        runs = _trial_runs(db, "killed")
-        if len(runs) < 2 or not any(r.info.status == "FINISHED" for r in runs):
-            return 0
-        running = [r for r in runs if r.info.status != "FINISHED"]
-        return len(client.get_metric_history(running[0].info.run_id, "val/loss")) if running else 0
+        running = [r for r in _trial_runs(db, "killed") if r.info.status != "FINISHED"]
+        return len(client.get_metric_history(running[0].info.run_id, "val/loss")) if finished() and running else 0
 
-    while second_trial_epochs() < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    assert proc.poll() is None, "the launch ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)   # the launch and everything it started, as a crashed node
+    # 1. Ctrl-C once the first trial has finished: Tune swallows it, the launch must not
+    #    record the stage as done
+    proc = start()
+    wait_for(lambda: finished() >= 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "--resume" in out, out[-2000:]
+    assert finished() == 1
+    again = subprocess.run([sys.executable, "-m", "orchestrator.launch", str(path)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr   # unfinished output refused, one line
+
+    # 2. --resume, then SIGKILL mid-way through the second trial
+    proc = start("--resume")
+    wait_for(lambda: second_trial_epochs() >= 2, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
 
+    # 3. --resume again: everything finishes
     resumed = subprocess.run([sys.executable, "-m", "orchestrator.launch", str(path), "--resume"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert len([r for r in runs if r.data.tags.get("orchestrator.role") == "sweep"]) == 1
     runs = _trial_runs(db, "killed")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    first = min(runs, key=lambda r: r.info.start_time)
+    assert len(client.get_metric_history(first.info.run_id, "val/loss")) == epochs, "the finished trial was rerun"
     for run in runs:
         steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "val/loss")})
         assert steps == list(range(1, epochs + 1))
@@ -139,7 +165,7 @@ def test_launch_killed_mid_sweep_resumes_and_keeps_epsilon_continuous(tmp_path):
         for m in client.get_metric_history(run.info.run_id, "privacy/epsilon"):
             by_step[m.step] = max(by_step.get(m.step, 0), m.value)
         values = [by_step[k] for k in sorted(by_step)]
-        assert values == sorted(values), "epsilon went back after the resume"
+        assert values == sorted(values), "epsilon went back after a resume"
         sigma = float(run.data.params["privacy.noise_multiplier"])
         q = float(run.data.params["privacy.sample_rate"])
         n_steps = int(run.data.metrics["privacy/steps"])

@@ -12,23 +12,27 @@ def cfg(**cluster):
     return parse_sweep({"name": "p", "cluster": {"address": "auto", **cluster}, "stages": [{"name": "a"}]})
 
 
-def test_cpu_only_cluster_fits_trials_by_cpus():
+def test_cpu_only_cluster_fits_trials_by_cpus_and_leaves_room_for_drivers():
     nodes = [{"CPU": 16}, {"CPU": 16}]
-    assert cluster_plan(cfg(workers_per_trial=2, cpus_per_worker=4), None, nodes) == (False, 4)
+    # 8 worker slots of 4 CPUs; the trial drivers' slivers may cost one slot per node
+    assert cluster_plan(cfg(workers_per_trial=2, cpus_per_worker=4), None, nodes) == (False, 3)
+    assert cluster_plan(cfg(workers_per_trial=1, cpus_per_worker=1), None, [{"CPU": 1}, {"CPU": 1}]) == (False, 1)
+    assert cluster_plan(cfg(workers_per_trial=1, cpus_per_worker=1), None, [{"CPU": 8}]) == (False, 7)
     assert cluster_plan(cfg(workers_per_trial=2, cpus_per_worker=4, max_concurrent_trials=1), None, nodes) == (False, 1)
 
 
 def test_gpus_decide_concurrency_and_fractions_pack_small_trials():
     nodes = [{"CPU": 16, "GPU": 4}, {"CPU": 16, "GPU": 4}]
     assert cluster_plan(cfg(workers_per_trial=2), None, nodes) == (True, 4)
-    # quarter-GPU single-worker trials: 4 per GPU, bounded by CPUs (32 / 1)
-    assert cluster_plan(cfg(workers_per_trial=1, gpus_per_worker=0.25), None, nodes) == (True, 32)
-    assert cluster_plan(cfg(workers_per_trial=1, gpus_per_worker=0.25, cpus_per_worker=2), None, nodes) == (True, 16)
+    # quarter-GPU single-worker trials: 4 per GPU (32), bounded by CPU slots (32 less what drivers may take)
+    assert cluster_plan(cfg(workers_per_trial=1, gpus_per_worker=0.25), None, nodes) == (True, 30)
+    assert cluster_plan(cfg(workers_per_trial=1, gpus_per_worker=0.25, cpus_per_worker=2), None, nodes) == (True, 14)
     assert cluster_plan(cfg(use_gpu=False), None, nodes)[0] is False
 
 
 @pytest.mark.parametrize("cluster, nodes, key", [
     ({"workers_per_trial": 8, "cpus_per_worker": 4}, [{"CPU": 16}], "cluster.workers_per_trial"),
+    ({"workers_per_trial": 2, "cpus_per_worker": 1}, [{"CPU": 1}, {"CPU": 1}], "cluster.workers_per_trial"),
     ({"cpus_per_worker": 32}, [{"CPU": 16}, {"CPU": 16}], "cluster.cpus_per_worker"),
     ({"use_gpu": True}, [{"CPU": 16}], "cluster.use_gpu"),
     ({"workers_per_trial": 3, "gpus_per_worker": 2}, [{"CPU": 16, "GPU": 4}], "cluster.workers_per_trial"),

@@ -4,8 +4,8 @@ tests/test_mlflow_server.py, where the server restarts mid-sweep)."""
 import os
 import socket
 import subprocess
-import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -20,12 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def start_server(tmp_path, port):
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 90
+    """The project's own server recipe (cluster/mlflow-server.sh) on a loopback port."""
+    env = {**os.environ, "MLFLOW_DIR": str(tmp_path), "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
+           "MLFLOW_HOST": "127.0.0.1"}
+    for key in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    proc = subprocess.Popen(["bash", str(REPO / "cluster" / "mlflow-server.sh")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
     while time.time() < deadline:
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
