@@ -51,6 +51,7 @@ MLFLOW_PORT=${P[15]}
 MLFLOW_HOST=127.0.0.1 MLFLOW_PORT=$MLFLOW_PORT MLFLOW_DIR="$WORK/mlflow" \
     setsid bash cluster/mlflow-server.sh >"$WORK/mlflow-server.log" 2>&1 &
 MLFLOW_PID=$!
+disown "$MLFLOW_PID" 2>/dev/null || true
 
 # shellcheck source=cluster/ray_slurm.sh
 source cluster/ray_slurm.sh
