@@ -255,19 +255,20 @@ def _fmt(x, spec=".4g") -> str:
 
 
 def print_summary(cfg: SweepConfig, results: dict, uri: str, out: Path, books: dict | None = None) -> None:
+    w = max([14] + [len(st.name) + 2 for st in cfg.stages])
     print("\nsummary")
-    print(f"{'stage':<14}{'trials ok':>10}  {'best metric':<24}{'epsilon range':>18}")
+    print(f"{'stage':<{w}}{'trials ok':>10}  {'best metric':<24}{'epsilon range':>18}")
     for stage in stage_order(cfg.stages):
         rows = results.get(stage.name)
         if rows is None:
-            print(f"{stage.name:<14}{'skipped':>10}")
+            print(f"{stage.name:<{w}}{'skipped':>10}")
             continue
         ok = [r for r in rows if r["ok"]]
         best = _select(rows, "best", stage.search.mode)
         best_s = f"{stage.search.metric}={_fmt(best[0]['metric'])}" if best else "-"
         eps = [r["epsilon"] for r in ok if r["epsilon"] is not None]
         eps_s = f"{min(eps):.3g} .. {max(eps):.3g}" if eps else "non-DP"
-        print(f"{stage.name:<14}{len(ok):>5}/{len(rows):<4}  {best_s:<24}{eps_s:>18}")
+        print(f"{stage.name:<{w}}{len(ok):>5}/{len(rows):<4}  {best_s:<24}{eps_s:>18}")
     if books:
         study = books["study"]
         tot = books.get("epsilon_total_max")
