@@ -73,6 +73,17 @@ def leftovers(marker: str, sessions=()) -> dict[int, str]:
             if pid != os.getpid() and (marker in cmd or sid in sessions)}
 
 
+def settled_leftovers(marker: str, sessions=(), grace_s: float = 20.0) -> dict[int, str]:
+    """`leftovers`, after giving Ray's helpers (e.g. the dashboard's multiprocessing
+    forkserver, which exits when it notices its parent is gone) a moment to exit."""
+    deadline = time.monotonic() + grace_s
+    left = leftovers(marker, sessions)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = leftovers(marker, sessions)
+    return left
+
+
 def kill_pids(pids) -> None:
     for pid in pids:
         try:
@@ -509,7 +520,7 @@ def test_ray_slurm_two_nodes_on_one_machine(tmp_path):
     finally:
         kill_group(proc, grace_s=5)
         launchers = re.search(r"^LAUNCHERS (.*)$", out, re.M)
-        left = leftovers(str(marker), launchers.group(1).split() if launchers else ())
+        left = settled_leftovers(str(marker), launchers.group(1).split() if launchers else ())
         kill_pids(left)
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (marker / "logs").glob("*.log"))
         shutil.rmtree(marker, ignore_errors=True)
@@ -555,7 +566,7 @@ def test_slurm_sbatch_runs_the_launch_against_the_cluster(tmp_path):
         out, _ = proc.communicate(timeout=170)
     finally:
         kill_group(proc, grace_s=5)
-        left = leftovers(str(marker))
+        left = settled_leftovers(str(marker))
         kill_pids(left)
         shutil.rmtree(marker, ignore_errors=True)
     elapsed = time.monotonic() - t0
