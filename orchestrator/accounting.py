@@ -18,7 +18,6 @@ mechanism with (sigma, q, steps), the accountant and delta, so anyone can recomp
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from orchestrator import ledger as L
@@ -117,7 +116,3 @@ def study_totals(rows: list[dict], delta: float, accountant: str) -> dict:
     if any(r.get("private") and not r.get("dp") for r in rows):
         book["non_dp_on_private_data"] = sorted({r["stage"] for r in rows if r.get("private") and not r.get("dp")})
     return book
-
-
-def finite_or_none(x: float) -> Optional[float]:
-    return x if x is not None and math.isfinite(x) else None

@@ -13,11 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray import tune
-
 import secrets
 
 import numpy as np
+from ray import tune
 
 from orchestrator import accounting
 from orchestrator.config import RandomCount, SweepConfig, stage_order
@@ -312,6 +311,7 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
     results: dict[str, list[dict]] = {}
     selected: dict[str, list[dict]] = {}
     failed = False
+    books = None
     for stage in stage_order(cfg.stages):
         deps = [d for d in (stage.needs, stage.init_from) if d]
         missing = [d for d in deps if not selected.get(d)]
@@ -354,7 +354,8 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
 
     state["status"] = "finished"
     _save_state(out, state)
-    books = update_books(cfg, plans, results, state, client, exp_id, parent, out) if results else None
+    if books is None and results:   # every stage had finished before this (resumed) launch
+        books = update_books(cfg, plans, results, state, client, exp_id, parent, out)
     closing_report(out)
     with_patience(client.set_terminated, parent, status="FAILED" if failed else "FINISHED")
     print_summary(cfg, results, uri, out, books)

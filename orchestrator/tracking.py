@@ -227,16 +227,6 @@ class MlflowTrialLogger(tune.Callback):
         self._runs[key] = run_id
         return run_id
 
-    def run_id(self, trial) -> Optional[str]:
-        """The trial's MLflow run id (None while the server is unreachable)."""
-        key = self._remember(trial)
-        try:
-            return self._run_for(key)
-        except Exception as exc:  # noqa: BLE001
-            if _is_outage(exc):
-                return None
-            raise
-
     def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 

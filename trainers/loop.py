@@ -259,26 +259,26 @@ def train_worker(config: dict) -> None:
                   f"train/loss={metrics['train/loss']:.5f} val/loss={metrics['val/loss']:.5f}{eps} "
                   f"({elapsed:.1f}s)", flush=True)
             history.append(_loggable(metrics))
+            last = epoch + 1 == stage.train.epochs
+            weights = stepper.network.state_dict()
+            if last:   # the EMA weights are loaded below for evaluation; keep the trained ones
+                weights = {k: v.detach().clone() for k, v in weights.items()}
+            state = {"model": weights, "optimizer": base_opt.state_dict(),
+                     "accountant": stepper.state_dict(), "epoch": epoch + 1,
+                     "family": stage.model.kind, "model_config": stage.model.model_dump(),
+                     "shape": list(data_cfg.shape), "labels": list(data_cfg.labels),
+                     "metrics": history[-1], "history": history,
+                     "aux": adapter.aux_state() if hasattr(adapter, "aux_state") else {},
+                     "ema_model": ema.state_dict() if ema is not None else None, **extra_state}
             with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, CHECKPOINT_FILE)
-                torch.save({"model": stepper.network.state_dict(), "optimizer": base_opt.state_dict(),
-                            "accountant": stepper.state_dict(), "epoch": epoch + 1,
-                            "family": stage.model.kind, "model_config": stage.model.model_dump(),
-                            "shape": list(data_cfg.shape), "labels": list(data_cfg.labels),
-                            "metrics": _loggable(metrics), "history": history,
-                            "aux": adapter.aux_state() if hasattr(adapter, "aux_state") else {},
-                            "ema_model": ema.state_dict() if ema is not None else None, **extra_state}, path)
-                if epoch + 1 == stage.train.epochs:
+                if last:
                     if ema is not None:  # the last epoch: what sampling will use from now on
                         stepper.network.load_state_dict(ema.state_dict())
                     stepper.network.eval()
                     if stage.eval.enabled and len(test_set):
                         metrics.update(evaluate_trial(adapter, stage, data_cfg, test_set, device, pbs))
-                        # the evaluation goes into the checkpoint too, so a replay (below) has it
-                        history[-1] = _loggable(metrics)
-                        saved = torch.load(path, map_location="cpu", weights_only=True)
-                        saved.update(metrics=history[-1], history=history)
-                        torch.save(saved, path)
+                        # the evaluation goes into the checkpoint too, so a replay (above) has it
+                        history[-1] = state["metrics"] = _loggable(metrics)
                         print(f"[{meta['stage']}] evaluation on {int(metrics['eval/n_samples'])} test volumes: "
                               + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                          if k.startswith(("fidelity/", "control/r_mean", "control/ed_es")))
@@ -286,6 +286,7 @@ def train_worker(config: dict) -> None:
                     if hasattr(adapter, "sample") and stage.train.sample_grid:
                         write_sample_grid(adapter, test_set, stage.train.sample_grid, os.path.join(tmp, "samples.png"),
                                           show_real=not data_cfg.private or not stage.dp.enabled)
+                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
