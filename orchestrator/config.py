@@ -225,6 +225,10 @@ class DPConfig(_Strict):
     grad_sample_mode: Literal["auto", "functorch", "hooks", "ghost"] = Field(
         "auto", description="per-sample gradients: Opacus functorch or hooks, or ghost clipping; auto: fastest per family")
     noise_multiplicity: int = Field(1, ge=1, description="ldm: timestep/noise draws averaged per sample before clipping")
+    reproducible: bool = Field(
+        False, description="debugging only: DP noise and Poisson batches from `train.seed` instead of OS entropy; "
+                            "anyone who knows the seed can remove the noise, so the trial is tagged "
+                            "`orchestrator.dp_release=false` and is not a DP release")
 
     @model_validator(mode="after")
     def _check(self):
@@ -286,11 +290,25 @@ class RandomCount(_Strict):
         return self
 
 
+class SelectDPConfig(_Strict):
+    """`search.select_on: dp`: the selection metric as a Gaussian mechanism on the validation split."""
+    clip: float = Field(..., gt=0, description="each validation sample's loss is clipped to [0, clip] (the sensitivity of the sum)")
+    noise_multiplier: float = Field(..., gt=0, description="sigma: N(0, (sigma * clip)^2) is added to the clipped sum, once per trial")
+
+
 class SearchConfig(_Strict):
     """What Ray Tune varies and how it picks the best trial."""
     method: Literal["grid", "random", "optuna"] = Field("grid", description="search algorithm")
     metric: str = Field("val/loss", description="metric that ranks trials")
     mode: Literal["min", "max"] = Field("min", description="whether lower or higher `metric` is better")
+    select_on: Literal["private", "public", "dp"] = Field(
+        "private", description="what ranks trials: `private` (the metric on this stage's own splits; unbounded "
+                               "privacy loss for those people, said in the ledger), `public` (the metric on "
+                               "`select_data`, a public dataset), `dp` (a noisy validation loss, see `select_dp`)")
+    select_data: Optional[dict[str, Any]] = Field(
+        None, description="select_on public: overrides of the top-level `data` naming a public dataset "
+                          "(`private: false`) with the same shape and labels")
+    select_dp: Optional[SelectDPConfig] = Field(None, description="select_on dp: clip bound and noise multiplier")
     num_samples: Union[Annotated[int, Field(ge=1)], RandomCount] = Field(
         1, description="grid: repeats of the grid; random/optuna: number of trials, or `{distribution: poisson, mean: M}` "
                        "(or truncated_negative_binomial with `shape`) for a random count drawn once per launch")
@@ -298,6 +316,19 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.select_on == "public" and self.select_data is None:
+            raise ValueError("select_data: select_on public needs a public dataset, e.g. "
+                             "{root: data/public, private: false}")
+        if self.select_on != "public" and self.select_data is not None:
+            raise ValueError("select_data: only used with select_on: public")
+        if self.select_on == "dp":
+            if self.select_dp is None:
+                raise ValueError("select_dp: select_on dp needs {clip: C, noise_multiplier: SIGMA}")
+            if not self.metric.startswith("val/"):
+                raise ValueError(f"metric: select_on dp releases a noisy mean of per-sample validation losses; "
+                                 f"expected a val/ metric, not {self.metric!r}")
+        elif self.select_dp is not None:
+            raise ValueError("select_dp: only used with select_on: dp")
         if self.method == "grid":
             for path, spec in self.parameters.items():
                 if spec.distribution is not None:
@@ -390,9 +421,19 @@ class SweepConfig(_Strict):
         merged.update(stage.data or {})
         return DataConfig.model_validate(merged)
 
+    def select_data(self, stage: StageConfig) -> Optional[DataConfig]:
+        """select_on public: the public dataset that ranks the stage's trials."""
+        if stage.search.select_data is None:
+            return None
+        merged = self.stage_data(stage).model_dump()
+        merged.update(stage.search.select_data)
+        return DataConfig.model_validate(merged)
+
     def resolve(self, path: str) -> Path:
+        """A path made absolute and real (symlinks and `..` resolved): two spellings of one
+        folder are one dataset in the privacy ledger."""
         p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p).resolve()
+        return (p if p.is_absolute() else self.base_dir / p).resolve()
 
     @property
     def output_dir(self) -> Path:
@@ -613,16 +654,47 @@ def parse_sweep(raw: Any, source: str = "sweep file", base_dir: Path = Path(".")
     cfg.base_dir = base_dir
     for stage in cfg.stages:
         _check_stage(cfg, stage, raw, source)
+    _check_data_identity(cfg, source)
     return cfg
+
+
+def _check_data_identity(cfg: SweepConfig, source: str) -> None:
+    """A dataset is its real folder, and it is private or public for the whole study: a
+    folder marked public in one stage would be spent without accounting in that stage."""
+    seen: dict[Path, tuple[str, bool]] = {}
+    for stage in cfg.stages:
+        uses = [(f"stages[{stage.name}].data", cfg.stage_data(stage))]
+        if stage.search.select_data is not None:
+            uses.append((f"stages[{stage.name}].search.select_data", cfg.select_data(stage)))
+        for where, data in uses:
+            root = cfg.resolve(data.root)
+            first = seen.setdefault(root, (where, data.private))
+            if first[1] != data.private:
+                flag = lambda p: "private" if p else "public"  # noqa: E731
+                raise ConfigError(f"{source}: {where}.private: {root} is {flag(data.private)} here but "
+                                  f"{flag(first[1])} in {first[0]}; expected one setting per dataset")
 
 
 def _check_stage(cfg: SweepConfig, stage: StageConfig, raw: dict, source: str) -> None:
     where = f"stages[{stage.name}]"
     try:
-        cfg.stage_data(stage)
+        data = cfg.stage_data(stage)
     except ValidationError as err:
         raw_data = {**raw.get("data", {}), **(stage.data or {})}
         raise ConfigError(f"{source}: {where}.data.{format_validation_error(err, raw_data, DataConfig)}")
+    if stage.search.select_data is not None:
+        try:
+            sel = cfg.select_data(stage)
+        except ValidationError as err:
+            raw_data = {**raw.get("data", {}), **(stage.data or {}), **stage.search.select_data}
+            raise ConfigError(f"{source}: {where}.search.select_data.{format_validation_error(err, raw_data, DataConfig)}")
+        if sel.private:
+            raise ConfigError(f"{source}: {where}.search.select_data.private: select_on public ranks trials on "
+                              "public data; expected `private: false`")
+        for key in ("shape", "labels"):
+            if getattr(sel, key) != getattr(data, key):
+                raise ConfigError(f"{source}: {where}.search.select_data.{key}: {list(getattr(sel, key))} differs "
+                                  f"from the stage's data ({list(getattr(data, key))}); expected the same")
     base = stage.model_dump(exclude={"search", "name", "needs", "select", "init_from", "data"})
     # Each searched path must exist in the stage config, and each candidate value must
     # give a valid stage: a typo in a path, or sigma = -1 in a grid, is caught here and
@@ -677,7 +749,8 @@ def reference_markdown() -> str:
                 ("stages[]", StageConfig), ("stages[].model (kind: beta_vae)", BetaVAEConfig),
                 ("stages[].model (kind: vq_vae)", VQVAEConfig), ("stages[].model (kind: ldm)", LDMConfig),
                 ("stages[].train", TrainConfig), ("stages[].dp", DPConfig), ("stages[].eval", EvalConfig),
-                ("stages[].search", SearchConfig), ("stages[].search.num_samples (random)", RandomCount),
+                ("stages[].search", SearchConfig), ("stages[].search.select_dp", SelectDPConfig),
+                ("stages[].search.num_samples (random)", RandomCount),
                 ("stages[].search.parameters.<path>", ParamSpec)]
     lines = []
     for title, model in sections:

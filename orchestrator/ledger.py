@@ -134,19 +134,11 @@ def _rdp_opacus(history, delta: float) -> float:
 
 
 def _gdp(history, delta: float) -> float:
-    """Opacus's GDP (CLT) accountant, composed correctly: each entry is mu_i-GDP with
-    Opacus's `compute_mu_poisson`, and mu-GDP composes as sqrt(sum mu_i^2).
-    (Opacus's GaussianAccountant.get_epsilon reads only history[-1] and refuses to step
-    with a new (sigma, q), so it cannot be handed a heterogeneous history.)"""
-    from opacus.accountants.analysis import gdp
+    """GDP composed by mu over the whole history (trainers/privacy.py: Opacus's
+    GaussianAccountant reads only its last entry)."""
+    from trainers.privacy import gdp_epsilon
 
-    mu = math.sqrt(sum(gdp.compute_mu_poisson(steps=n, noise_multiplier=s, sample_rate=q) ** 2
-                       for s, q, n in history))
-    if gdp.delta_eps_mu(eps=0.0, mu=mu) <= delta:
-        return 0.0
-    if not math.isfinite(mu) or gdp.delta_eps_mu(eps=500.0, mu=mu) > delta:
-        return math.inf
-    return float(gdp.eps_from_mu(mu=mu, delta=delta))
+    return gdp_epsilon(history, delta)
 
 
 def _prv_grid_points(history, eps_error: float, delta_error: float) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from orchestrator.config import ConfigError, DataConfig, StageConfig, SweepConfig, search_combinations
 from orchestrator.errors import DataError
@@ -18,9 +19,12 @@ class StagePlan:
     stage: StageConfig
     data: DataConfig        # with `root` made absolute
     n_train: int
+    select_data: Optional[DataConfig] = None   # select_on public: the public dataset, root absolute
 
-def _materialise(cfg: SweepConfig, stage: StageConfig, cache_dir: Path) -> tuple[DataConfig, int]:
-    data = cfg.stage_data(stage)
+
+def _materialise(cfg: SweepConfig, stage: StageConfig, cache_dir: Path,
+                 data: Optional[DataConfig] = None) -> tuple[DataConfig, int]:
+    data = data or cfg.stage_data(stage)
     root = cfg.resolve(data.root)
     data = data.model_copy(update={"root": str(root)})
     if data.synthesize is not None and not (root / "training.npy").exists():
@@ -57,7 +61,7 @@ def check_privacy_plan(cfg: SweepConfig, stage: StageConfig, data: DataConfig, n
         if data.private and cfg.privacy.delta >= 1.0 / n_train:
             raise ConfigError(f"privacy.delta: {cfg.privacy.delta:g} is not below 1/n_train = 1/{n_train} "
                               f"(stage {stage.name}); expected delta << 1/n_train, e.g. {0.1 / n_train:.1e}")
-        from trainers.loop import plan_privacy  # Ray Train, MONAI: only once the data is known good
+        from trainers.privacy import plan_privacy  # Ray Train, MONAI: only once the data is known good
 
         try:
             # Opacus warns (several lines on stderr) while it searches sigma; an unreachable
@@ -120,6 +124,8 @@ def preflight(cfg: SweepConfig) -> dict[str, StagePlan]:
         check_model_files(cfg, stage, data)
         check_privacy_plan(cfg, stage, data, n_train)
         plans[stage.name] = StagePlan(stage=stage, data=data, n_train=n_train)
+        if stage.search.select_on == "public":
+            plans[stage.name].select_data = _materialise(cfg, stage, cache_dir, cfg.select_data(stage))[0]
     return plans
 
 def apply_smoke_test(cfg: SweepConfig) -> None:

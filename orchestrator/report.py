@@ -37,6 +37,8 @@ from orchestrator.errors import UserError
 # The MLflow contract (ARCHITECTURE.md). Kept here rather than imported from
 # orchestrator.tracking, which imports Ray: a report needs only MLflow.
 ROLE, STAGE, MODEL, DP = "orchestrator.role", "orchestrator.stage", "orchestrator.model", "orchestrator.dp"
+DP_RELEASE = "orchestrator.dp_release"   # "false": dp.reproducible, noise derivable from the seed
+NOT_A_RELEASE = "not a DP release"
 PRIVATE_DATA, CHECKPOINT, PARENT = "orchestrator.private_data", "orchestrator.checkpoint", "mlflow.parentRunId"
 EPS, EPS_TOTAL = "privacy/epsilon", "privacy/epsilon_total"
 R_MEAN, ED_ES = "control/r_mean", "control/ed_es_accuracy"
@@ -133,6 +135,7 @@ def _row(run) -> dict:
         "family": family_of(model), "dp": dp, "private_data": private, "sigma": sigma,
         "sample_rate": _number(params.get("privacy.sample_rate")), "batch": batch, "latent": latent,
         "epsilon": eps, "epsilon_total": total, "epsilon_total_source": source, "status": info.status,
+        "dp_release": dp and tags.get(DP_RELEASE) != "false",
         "start_time": info.start_time or 0, "checkpoint": tags.get(CHECKPOINT),
         "upstream": [params[k] for k in ("upstream.needs", "upstream.init_from") if params.get(k)],
     }
@@ -261,6 +264,8 @@ def fmt_num(x, digits: int = 4) -> str:
 def fmt_epsilon(row: dict) -> str:
     if not row["dp"]:
         return "inf (non-DP)" if row["private_data"] else "0 (public)"
+    if not row.get("dp_release", True):
+        return f"{fmt_num(row['epsilon'])} ({NOT_A_RELEASE})"
     return fmt_num(row["epsilon"])
 
 
@@ -304,7 +309,7 @@ def format_table(rows: list[dict], metric: str, width: int = 100) -> list[str]:
 # Writing: CSV and plot
 
 def write_csv(rows: list[dict], metric: str, path: Path) -> None:
-    fields = ["run_id", "run_name", "stage", "model", "family", "dp", "private_data", "sigma", "sample_rate",
+    fields = ["run_id", "run_name", "stage", "model", "family", "dp", "dp_release", "private_data", "sigma", "sample_rate",
               "batch", "latent", "epsilon", "epsilon_total", "epsilon_total_source", metric]
     fields += [k for k in (R_MEAN, ED_ES) if k != metric and any(_value(r, k) is not None for r in rows)]
     fields += ["status", "front"]

@@ -60,7 +60,9 @@ def _trial_rows(grid, metric: str) -> list[dict]:
                      "metric": m.get(metric), "epsilon": m.get("privacy/epsilon"),
                      "checkpoint": r.checkpoint.path if r.checkpoint else m.get("checkpoint_path"),
                      "dp": bool(dp), "sigma": m.get("privacy.noise_multiplier"), "q": m.get("privacy.sample_rate"),
-                     "steps": m.get("privacy/steps"), "epoch": m.get("epoch")})
+                     "steps": m.get("privacy/steps"), "epoch": m.get("epoch"),
+                     "select_sigma": m.get("select.noise_multiplier"),
+                     "dp_release": bool(dp) and not (r.config or {}).get("stage", {}).get("dp", {}).get("reproducible")})
     return rows
 
 
@@ -80,7 +82,7 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
     stage_dict = stage.model_dump(exclude=STAGE_KEYS_NOT_TRAINED)
     meta = {**meta_base, "stage": stage.name, "data": plan.data.model_dump(), "run_prefix": name,
             "needs": upstream.get("needs"), "init_from": upstream.get("init_from"),
-            "scale_data": upstream.get("scale_data")}
+            "scale_data": upstream.get("scale_data"), "select": selection_meta(plan, meta_base)}
     space = {"stage": build_param_space(stage_dict, stage.search)}
     extra = {"data.root": plan.data.root, "data.private": plan.data.private, "data.n_train": plan.n_train,
              "data.labels": ",".join(plan.data.labels), "data.shape": "x".join(map(str, plan.data.shape)),
@@ -102,7 +104,7 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=stage.search.metric, mode=stage.search.mode,
+            tune_config=tune.TuneConfig(metric=ranking_metric(stage), mode=stage.search.mode,
                                         num_samples=num_samples,
                                         search_alg=build_search_alg(stage.search, stage.train.seed),
                                         max_concurrent_trials=max_concurrent),
@@ -110,7 +112,25 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
                                       verbose=1),
         )
     grid = _fit_noting_interrupts(tuner)
-    return _trial_rows(grid, stage.search.metric)
+    return _trial_rows(grid, ranking_metric(stage))
+
+
+def ranking_metric(stage) -> str:
+    """The metric Tune ranks trials by: the stage's own, or its `select/` twin computed on
+    public data or with DP (trainers/loop.py: _selection_metrics)."""
+    return stage.search.metric if stage.search.select_on == "private" else f"select/{stage.search.metric}"
+
+
+def selection_meta(plan: StagePlan, meta_base: dict) -> dict | None:
+    s = plan.stage.search
+    if s.select_on == "private":
+        return None
+    out = {"on": s.select_on, "metric": s.metric}
+    if s.select_on == "public":
+        out.update(data=plan.select_data.model_dump(), cache_dir=meta_base["cache_dir"])
+    else:
+        out.update(clip=s.select_dp.clip, noise_multiplier=s.select_dp.noise_multiplier)
+    return out
 
 
 def trial_count(stage, state: dict, out: Path, client, parent: str) -> int:
@@ -178,18 +198,31 @@ def update_books(cfg: SweepConfig, plans: dict[str, StagePlan], results: dict, s
             tuning[name] = accounting.stage_tuning(plans[name].stage, plans[name], stage_rows, delta, acct,
                                                    state.get("num_samples", {}).get(name))
     study = accounting.study_totals(rows, delta, acct)
-    private_totals = [t["epsilon_total"] for t in trials.values() if _finite(t["epsilon_total"])]
+    # The worst released model: a lineage that trained on private data without DP is
+    # infinite, and so is this total (the worst DP-trained lineage is reported beside it).
+    totals = [t["epsilon_total"] for t in trials.values()]
+    dp_totals = [t for t in totals if _finite(t)]
     payload = {"sweep": cfg.name, "parent_run_id": parent, "accountant": acct, "delta": delta,
                "how_to_recompute": "each mechanism is a Poisson-subsampled Gaussian (sigma = noise multiplier, "
-                                   "q = sample rate) applied `steps` times; compose a trial's lineage per dataset",
+                                   "q = sample rate) applied `steps` times; compose a trial's lineage per dataset; "
+                                   "a selection mechanism (tuning.<stage>.selection) is a Gaussian with q = 1, "
+                                   "one step, on the people of the split named after '#'",
                "trials": trials, "tuning": tuning, "study": study,
-               "epsilon_total_max": max(private_totals) if private_totals else None}
+               "epsilon_total_max": max(totals) if totals else None,
+               "epsilon_total_max_dp": max(dp_totals) if dp_totals else None}
     path = out / "privacy_ledger.json"
     write_ledger_json(path, _jsonable(payload))
     metrics = {"privacy/epsilon_study": study["epsilon_total"]}
-    if private_totals:
-        metrics["privacy/epsilon_total"] = max(private_totals)
+    if totals:
+        metrics["privacy/epsilon_total"] = max(totals)
+    if dp_totals:
+        metrics["privacy/epsilon_total_dp"] = max(dp_totals)
     for name, t in tuning.items():
+        sel = t["selection"]
+        metrics[f"privacy/epsilon_selection/{name}"] = sel["epsilon"]
+        if not _finite(sel["epsilon"]) and f"select:{name}" not in state.setdefault("warned", []):
+            print(f"[{name}] privacy of selection: {sel['note']}", flush=True)
+            state["warned"].append(f"select:{name}")
         if _finite(t.get("epsilon_naive")) and t.get("private"):
             metrics[f"privacy/epsilon_tuning_naive/{name}"] = t["epsilon_naive"]
         if _finite(t.get("epsilon_repeat_and_select")):
@@ -272,13 +305,21 @@ def print_summary(cfg: SweepConfig, results: dict, uri: str, out: Path, books: d
         study = books["study"]
         tot = books.get("epsilon_total_max")
         print(f"\nprivacy ({books['accountant']}, delta {books['delta']:g}): "
-              f"worst released model epsilon_total {_fmt(tot)}; all DP training in the study composed: "
-              f"{_fmt(study['epsilon_total'])}")
+              f"worst released model epsilon_total {_fmt(tot)}"
+              + (f" (worst DP-trained lineage {_fmt(books['epsilon_total_max_dp'])})"
+                 if tot == math.inf and books.get("epsilon_total_max_dp") is not None else "")
+              + f"; all DP training in the study composed: {_fmt(study['epsilon_total'])}")
+        replays = sorted({r["stage"] for rows in results.values() for r in rows if r.get("dp") and not r.get("dp_release", True)})
+        if replays:
+            print(f"  not a DP release: stage(s) {', '.join(replays)} ran with dp.reproducible (noise and batches "
+                  "derive from the logged seed)")
         for name, t in books["tuning"].items():
             if t.get("private") and t.get("trials", 0) > 1:
                 rs = t.get("epsilon_repeat_and_select")
+                sel = t["selection"]
                 print(f"  choosing the best of {name}'s {t['trials']} trials: naive {_fmt(t.get('epsilon_naive'))}"
-                      + (f", repeat-and-select {_fmt(rs)}" if rs is not None else ""))
+                      + (f", repeat-and-select {_fmt(rs)}" if rs is not None else "")
+                      + f"; selection on {sel['select_on']}: epsilon {_fmt(sel['epsilon'])} for the {sel['split']} split")
         print(f"  ledger: {out / 'privacy_ledger.json'} (also on the parent run)")
     print(f"\nMLflow experiment '{cfg.name}' in {redact(uri)}")
     if uri.startswith("sqlite:"):

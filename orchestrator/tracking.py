@@ -25,6 +25,7 @@ from ray import tune
 from orchestrator.config import flatten
 
 ROLE, STAGE, MODEL, DP = "orchestrator.role", "orchestrator.stage", "orchestrator.model", "orchestrator.dp"
+DP_RELEASE = "orchestrator.dp_release"
 TRIAL_KEY = "orchestrator.trial_key"
 REPLAY_KEY = "replay_history"   # see trainers/loop.py
 PARAM_LIMIT = 6000
@@ -218,6 +219,8 @@ class MlflowTrialLogger(tune.Callback):
             tags = {"mlflow.parentRunId": self.parent_run_id, ROLE: "trial", STAGE: self.stage,
                     MODEL: model, DP: str(bool(dp)).lower(), TRIAL_KEY: key,
                     "orchestrator.trial_id": info["trial_id"], **self.extra_tags}
+            if dp:   # a DP trial whose noise and batches derive from the logged seed is no DP release
+                tags[DP_RELEASE] = str(not stage_cfg.get("dp", {}).get("reproducible", False)).lower()
             run = self.client.create_run(self.experiment_id, tags=tags,
                                          run_name=f"{self.stage}-{info['trial_id']}")
             run_id = run.info.run_id
@@ -250,7 +253,7 @@ class MlflowTrialLogger(tune.Callback):
                    and math.isfinite(float(v))]
         # Facts known only inside the trial (the sigma solved from a target epsilon, the
         # latent scale and where it came from) arrive with the results; they are params.
-        params = {k: _param_value(v) for k, v in result.items() if k.startswith("privacy.")}
+        params = {k: _param_value(v) for k, v in result.items() if k.startswith(("privacy.", "select."))}
         params.update({k[len("param."):]: _param_value(v) for k, v in result.items() if k.startswith("param.")})
         if params:
             self._enqueue(trial, "params", params)

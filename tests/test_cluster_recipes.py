@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,26 +30,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 SCHEMAS = Path(__file__).resolve().parent / "fixtures" / "cluster_schemas"
 
 
 # --- helpers ------------------------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free on every interface right now (bound together, then released)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def leftovers(marker: str, sessions=()) -> dict[int, str]:
     """Our processes still running: those whose command line holds `marker` (a unique temp
     dir of ours), and every process in their sessions or in `sessions` (the sessions our

@@ -2,16 +2,15 @@
 and the noise the dead worker group added after that checkpoint stays in the account."""
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import yaml
-from mlflow.tracking import MlflowClient
-
-from tests.test_privacy import independent_epsilon
+from tests.helpers import (client_for, independent_epsilon, noise_ledger_lines, parent_run, stage, sweep_dict,
+                           trial_runs, trial_runs_once_started, write_sweep)
 
 pytestmark = pytest.mark.heavy
 
@@ -41,30 +40,16 @@ def assert_epsilon_continuous(client, run, delta=1e-3):
 
 
 def _epochs_logged(db):
-    # launch.json appears once the launch has created the store; opening it earlier races
-    # the launch's own schema migration
-    if not (db.parent / "launch.json").exists():
-        return 0
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("faults")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.role` = 'trial'") if exp else []
-    return len(client.get_metric_history(runs[0].info.run_id, "val/loss")) if runs else 0
+    runs = trial_runs_once_started(db, "faults")
+    return len(client_for(db).get_metric_history(runs[0].info.run_id, "val/loss")) if runs else 0
 
 
 def test_worker_killed_mid_epoch_trial_completes_and_epsilon_keeps_the_lost_steps(tmp_path):
     n_train, batch, epochs = 32, 4, 3
-    sweep = {
-        "name": "faults", "output": "runs/f",
-        "data": {"root": "data/p", "labels": ["LVEDV"], "shape": [13, 32, 32],
-                 "synthesize": {"kind": "phantom", "n": 40, "seed": 2}},
-        "privacy": {"delta": 1e-3, "accountant": "rdp"},
-        "cluster": {"workers_per_trial": 2, "max_failures": 2},
-        "stages": [{"name": "ae", "model": {"kind": "beta_vae", "channels": [8, 16], "norm_num_groups": 4},
-                    "train": {"epochs": epochs, "batch_size": batch, "physical_batch_size": 2},
-                    "dp": {"enabled": True, "noise_multiplier": 1.0}}],
-    }
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    sweep = sweep_dict("faults", output="runs/f", n=40, seed=2, shape=(13, 32, 32), cluster={"workers_per_trial": 2, "max_failures": 2},
+                       stages=[stage(model={"channels": [8, 16]},
+                                     train={"epochs": epochs, "batch_size": batch})])
+    path = write_sweep(tmp_path, sweep)
     db = tmp_path / "runs/f/mlflow.db"
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -78,24 +63,16 @@ def test_worker_killed_mid_epoch_trial_completes_and_epsilon_keeps_the_lost_step
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("faults")
-    run = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.role` = 'trial'")[0]
+    client = client_for(db)
+    [run] = trial_runs(client, "faults")
     assert run.info.status == "FINISHED"
     planned = epochs * math.ceil(n_train / batch)
     steps = int(run.data.metrics["privacy/steps"])
     assert steps > planned, "the steps the dead workers took after the checkpoint were forgotten"
     assert "stay in the privacy account" in out
     assert float(run.data.params["privacy.noise_multiplier"]) == 1.0
+    assert steps == noise_ledger_lines(tmp_path / "runs/f", run)
     assert_epsilon_continuous(client, run)
-
-
-def _trial_runs(db, name):
-    if not (db.parent / "launch.json").exists():
-        return []
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name(name)
-    return client.search_runs([exp.experiment_id], filter_string="tags.`orchestrator.role` = 'trial'") if exp else []
 
 
 def test_interrupted_then_killed_launch_resumes_and_keeps_epsilon_continuous(tmp_path):
@@ -105,22 +82,13 @@ def test_interrupted_then_killed_launch_resumes_and_keeps_epsilon_continuous(tmp
     last checkpoint, MLflow holds one run per trial with every epoch, and epsilon never goes
     back and equals dp-accounting's for the steps taken."""
     n_train, batch, epochs = 32, 8, 4
-    sweep = {
-        "name": "killed", "output": "runs/k",
-        "data": {"root": "data/p", "labels": ["LVEDV"], "shape": [5, 16, 16],
-                 "synthesize": {"kind": "phantom", "n": 40, "seed": 3}},
-        "privacy": {"delta": 1e-3, "accountant": "rdp"},
-        "cluster": {"workers_per_trial": 1, "max_concurrent_trials": 1},
-        "stages": [{"name": "ae", "model": {"kind": "beta_vae", "channels": [4, 8], "norm_num_groups": 4},
-                    "train": {"epochs": epochs, "batch_size": batch, "physical_batch_size": 4},
-                    "dp": {"enabled": True, "noise_multiplier": 1.0},
-                    "eval": {"n_samples": 4},
-                    "search": {"parameters": {"dp.noise_multiplier": {"values": [1.0, 1.3]}}}}],
-    }
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    db = tmp_path / "runs/k/mlflow.db"
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    sweep = sweep_dict("killed", n=40, seed=3, cluster={"max_concurrent_trials": 1},
+                       stages=[stage(train={"epochs": epochs, "batch_size": batch, "physical_batch_size": 4},
+                                     eval={"n_samples": 4},
+                                     search={"parameters": {"dp.noise_multiplier": {"values": [1.0, 1.3]}}})])
+    path = write_sweep(tmp_path, sweep)
+    db = tmp_path / "runs/killed/mlflow.db"
+    client = client_for(db)
 
     def start(*extra):
         return subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path), *extra], cwd=tmp_path,
@@ -133,10 +101,10 @@ def test_interrupted_then_killed_launch_resumes_and_keeps_epsilon_continuous(tmp
         assert proc.poll() is None, "the launch ended before it could be interrupted"
 
     def finished():
-        return sum(r.info.status == "FINISHED" for r in _trial_runs(db, "killed"))
+        return sum(r.info.status == "FINISHED" for r in trial_runs_once_started(db, "killed"))
 
     def second_trial_epochs():
-        running = [r for r in _trial_runs(db, "killed") if r.info.status != "FINISHED"]
+        running = [r for r in trial_runs_once_started(db, "killed") if r.info.status != "FINISHED"]
         return len(client.get_metric_history(running[0].info.run_id, "val/loss")) if finished() and running else 0
 
     # 1. Ctrl-C once the first trial has finished: Tune swallows it, the launch must not
@@ -161,15 +129,21 @@ def test_interrupted_then_killed_launch_resumes_and_keeps_epsilon_continuous(tmp
     resumed = subprocess.run([sys.executable, "-m", "orchestrator.launch", str(path), "--resume"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
-    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
-    assert len([r for r in runs if r.data.tags.get("orchestrator.role") == "sweep"]) == 1
-    runs = _trial_runs(db, "killed")
+    parent_run(client, "killed")   # one parent run across the three launches
+    runs = trial_runs(client, "killed")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    first = min(runs, key=lambda r: r.info.start_time)
+    first, second = sorted(runs, key=lambda r: r.info.start_time)
     assert len(client.get_metric_history(first.info.run_id, "val/loss")) == epochs, "the finished trial was rerun"
+    # the killed trial continued from its last checkpoint: the resumed launch says so, and no
+    # epoch was trained (and logged) twice
+    resumed_at = [int(e) for e in re.findall(r"\[ae\] resumed from epoch (\d+)", resumed.stdout)]
+    assert resumed_at and min(resumed_at) >= 2, resumed.stdout[-3000:]
+    assert sorted(m.step for m in client.get_metric_history(second.info.run_id, "val/loss")) \
+        == list(range(1, epochs + 1)), "an epoch was trained twice: the trial did not continue from its checkpoint"
     for run in runs:
-        steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "val/loss")})
-        assert steps == list(range(1, epochs + 1))
-        assert int(run.data.metrics["privacy/steps"]) >= epochs * math.ceil(n_train / batch)
+        steps = int(run.data.metrics["privacy/steps"])
+        assert steps >= epochs * math.ceil(n_train / batch)
+        # every noise addition is a line of the trial's noise ledger, and each was counted
+        assert steps == noise_ledger_lines(tmp_path / "runs/killed", run)
         assert_epsilon_continuous(client, run)
         assert "fidelity/mse" in run.data.metrics

@@ -8,7 +8,6 @@ import pytest
 from scipy import stats
 
 from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from orchestrator import ledger
@@ -16,22 +15,14 @@ from orchestrator.ledger import (Mechanism, compose_epsilon, compose_epsilon_det
                                  ledger_for, naive_tuning_epsilon, repeat_and_select_epsilon,
                                  repeat_and_select_rdp, rdp_curve, tnb_gamma, tnb_pmf,
                                  tuning_dp_event_note, write_ledger_json)
+from tests.helpers import composed_event, independent_composition
 
 DELTA = 1e-5
 TWO_STAGE = [(1.1, 0.02, 500), (0.9, 0.05, 300)]
 
 
-def event_of(stages):
-    return dp_event.ComposedDpEvent([
-        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), n)
-        for s, q, n in stages])
-
-
 def reference_epsilon(stages, accountant):
-    acc = (rdp_privacy_accountant.RdpAccountant() if accountant == "rdp"
-           else pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3))
-    acc.compose(event_of(stages))
-    return acc.get_epsilon(DELTA)
+    return independent_composition(stages, DELTA, accountant, pld_interval=1e-3)
 
 
 def mechs(stages, data="/data/a", stage="s"):
@@ -40,7 +31,7 @@ def mechs(stages, data="/data/a", stage="s"):
 
 def rs_reference(stages, mean, shape):
     acc = rdp_privacy_accountant.RdpAccountant()
-    acc.compose(dp_event.RepeatAndSelectDpEvent(event_of(stages), mean, shape))
+    acc.compose(dp_event.RepeatAndSelectDpEvent(composed_event(stages), mean, shape))
     return acc.get_epsilon(DELTA)
 
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.test_tracking import free_port, start_server, stop_server
+from tests.helpers import free_port
+from tests.test_tracking import start_server, stop_server
 
 pytestmark = pytest.mark.heavy
 

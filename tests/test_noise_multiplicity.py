@@ -13,43 +13,74 @@ from trainers.privacy import DPStepper
 SHAPE = (5, 16, 16)
 
 
+def spy_on_draws(adapter):
+    """Record the (noise, timesteps) of every row the adapter's training loss draws."""
+    seen = []
+    real = adapter.train_scheduler.add_noise
+
+    def add_noise(original_samples, noise, timesteps):
+        seen.append((noise.detach().clone(), timesteps.detach().clone()))
+        return real(original_samples, noise, timesteps)
+
+    adapter.train_scheduler.add_noise = add_noise
+    return seen, real
+
+
 @pytest.mark.parametrize("mode", ["functorch", "hooks"])
-def test_per_sample_gradient_is_mean_over_k_draws_clipped_once(mode):
-    K, C = 3, 0.05
+def test_per_sample_gradient_is_mean_over_k_distinct_draws_clipped_once(mode):
+    K, C, B = 3, 0.05, 3
     torch.manual_seed(0)
     adapter = LDM(cfg(label_dropout=0.0), SHAPE, 3)
     warm_up(adapter, SHAPE)
     plain = copy.deepcopy(adapter.network)
-    data = batch(SHAPE, b=3)
+    data = batch(SHAPE, b=B)
 
-    # Direct computation: sample i's gradient of (1/K) sum_k loss(x_i, draw_ik), on the plain
-    # network with the very same draws (same seed, same batch).
     adapter.noise_multiplicity = K
-    reference = []
-    for i in range(3):
-        torch.manual_seed(42)
-        plain.zero_grad()
-        loss, _ = adapter.per_sample_loss(plain, data)
-        assert adapter.rows_per_sample == K and loss.shape == (3,)
-        loss[i].backward()
-        reference.append([p.grad.clone() for p in plain.parameters()])
-
     stepper = DPStepper(adapter.network, torch.optim.SGD(adapter.network.parameters(), lr=0.0), 1,
                         noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.5, n_train=6, accountant="rdp",
                         grad_sample_mode=mode)
+    seen, add_noise = spy_on_draws(adapter)
     torch.manual_seed(42)
     loss, _ = adapter.per_sample_loss(stepper.module, data)
+    assert adapter.rows_per_sample == K and loss.shape == (B,)
     stepper.backward(loss, adapter.rows_per_sample)
+    [(noise, t)] = seen
+    assert noise.shape[0] == t.shape[0] == B * K    # sample i owns rows i*K .. i*K + K - 1
+
+    # K distinct draws per sample: no two of a sample's rows share their noise, and the
+    # timesteps are drawn per row, not once per sample
+    for i in range(B):
+        rows = noise[i * K:(i + 1) * K].flatten(1)
+        for a in range(K):
+            for b in range(a + 1, K):
+                assert not torch.allclose(rows[a], rows[b]), f"sample {i}: draws {a} and {b} are copies"
+    assert len(set(t.tolist())) > B, f"one timestep per sample, not per draw: {t.tolist()}"
+
+    # The reference, computed independently: for each sample alone, each of its K draws
+    # alone on the plain network, the loss averaged over the K draws, then its gradient.
+    reference = []
+    for i in range(B):
+        plain.zero_grad()
+        z, _ = adapter.to_diffusion(data["image"][i:i + 1])
+        total = 0.0
+        for k in range(K):
+            eps, step = noise[i * K + k][None], t[i * K + k][None]
+            pred = plain(add_noise(z, eps, step), step, data["labels"][i:i + 1],
+                         data["label_mask"][i:i + 1], torch.zeros(1, dtype=torch.bool))
+            total = total + (pred - eps).pow(2).mean()
+        (total / K).backward()
+        reference.append([p.grad.clone() for p in plain.parameters()])
+
     for p, *refs in zip(stepper.params, *reference):
-        assert p.grad_sample.shape == (3, *p.shape)
-        for i in range(3):
+        assert p.grad_sample.shape == (B, *p.shape)
+        for i in range(B):
             torch.testing.assert_close(p.grad_sample[i], refs[i], rtol=1e-3, atol=1e-6)
 
     stepper.microbatch_done(last=False)  # clip + accumulate: one clip per sample, not per draw
     norms = [torch.sqrt(sum((g ** 2).sum() for g in ref)) for ref in reference]
     assert all(n > C for n in norms)
     for j, p in enumerate(stepper.params):
-        want = sum(reference[i][j] * (C / (norms[i] + 1e-6)) for i in range(3))
+        want = sum(reference[i][j] * (C / (norms[i] + 1e-6)) for i in range(B))
         torch.testing.assert_close(p.summed_grad, want, rtol=1e-3, atol=1e-7)
 
 

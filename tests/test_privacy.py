@@ -6,10 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
-
+from tests.helpers import independent_epsilon
 from trainers.privacy import DPStepper, PoissonSampler, ShuffleSampler, solve_noise_multiplier
 
 
@@ -21,15 +18,6 @@ def tiny_model():
 
 def per_sample_loss(net, x, y):
     return (net(x).squeeze(1) - y) ** 2
-
-
-def independent_epsilon(sigma, q, steps, delta, accountant):
-    """Google's dp-accounting, the independent check of Opacus's number."""
-    event = dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
-    acc = (rdp_privacy_accountant.RdpAccountant() if accountant == "rdp"
-           else pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4))
-    acc.compose(event)
-    return acc.get_epsilon(delta)
 
 
 @pytest.mark.parametrize("mode", ["functorch", "hooks"])
@@ -127,6 +115,61 @@ def test_poisson_sampler_is_per_record_and_every_event_is_a_step():
     assert np.mean(sizes) / 32 == pytest.approx(batch, rel=0.05)  # expected global batch = q * n
     shards = [set(s.shard) for s in samplers]
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == n
+
+
+def inclusions(n, batch, world, seeds, epochs):
+    """included[e, s, i]: record i was in the global batch of step s of epoch e."""
+    samplers = [PoissonSampler(n, batch, r, world, seed=seed) for r, seed in zip(range(world), seeds)]
+    steps = samplers[0].steps
+    out = np.zeros((epochs, steps, n), dtype=bool)
+    for e in range(epochs):
+        for s, local in enumerate(zip(*(sampler.epoch(e) for sampler in samplers))):
+            for idx in local:
+                out[e, s, idx] = True
+    return out.reshape(epochs * steps, n)
+
+
+def test_poisson_inclusion_is_q_per_record_and_independent_across_records_ranks_and_steps():
+    """What the accountant assumes: each record joins each step with probability q,
+    independently of every other record (on its own rank or another) and of other steps."""
+    n, batch, world, epochs = 16, 4, 2, 400
+    q = batch / n
+    inc = inclusions(n, batch, world, seeds=(7, 7), epochs=epochs)
+    trials = inc.shape[0]                                  # 1600 sampling events
+    sd = np.sqrt(q * (1 - q) / trials)
+    freq = inc.mean(0)
+    assert np.all(np.abs(freq - q) < 5 * sd), freq         # every record, about q
+    assert abs(freq.mean() - q) < 5 * sd / np.sqrt(n)
+    # pairs of records: inclusion uncorrelated, whether on the same rank (0, 2) or on
+    # different ranks at the same position of their shards (0, 1), or anywhere else
+    corr = np.corrcoef(inc.T.astype(float))
+    off = corr[~np.eye(n, dtype=bool)]
+    bound = 5 / np.sqrt(trials)
+    assert np.all(np.abs(off) < bound), np.abs(off).max()
+    for i in range(0, n, 2):   # rank 0's k-th record and rank 1's k-th record: joint rate q^2
+        both = np.mean(inc[:, i] & inc[:, i + 1])
+        assert abs(both - q * q) < 5 * np.sqrt(q * q * (1 - q * q) / trials)
+    # consecutive steps: a record's inclusion does not predict its next one
+    lag = [np.corrcoef(inc[:-1, i], inc[1:, i])[0, 1] for i in range(n)]
+    assert np.all(np.abs(lag) < bound), lag
+    # the global batch size is Binomial(n, q): mean q n, variance n q (1 - q)
+    sizes = inc.sum(1)
+    assert sizes.mean() == pytest.approx(n * q, abs=5 * np.sqrt(n * q * (1 - q) / trials))
+    assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.15)
+
+
+def test_poisson_batches_are_secret_by_default_and_reproducible_only_with_a_seed():
+    """seed=None (the DP default) draws from OS entropy: two samplers built alike, as two
+    restarts of the same trial would be, never agree; an int seed reproduces the batches."""
+    def epoch0(seed, rank=0):
+        return [b.tolist() for b in PoissonSampler(256, 64, rank, 2, seed=seed).epoch(0)]
+
+    assert epoch0(5) == epoch0(5)
+    assert epoch0(5, rank=0) != epoch0(5, rank=1)
+    assert epoch0(None) != epoch0(None)
+    assert epoch0(None) != epoch0(0)
+    sampler = PoissonSampler(256, 64, 0, 2, seed=None)
+    assert [b.tolist() for b in sampler.epoch(0)] != [b.tolist() for b in sampler.epoch(0)]
 
 
 def test_shuffle_sampler_covers_the_data_once_per_epoch():

@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from orchestrator import report
 from orchestrator.report import main, pareto_front
+from tests.helpers import free_port
 
 INF = math.inf
 T0 = 1_700_000_000_000
@@ -272,12 +272,6 @@ def test_report_from_experiment_name(store, capsys, tmp_path, monkeypatch):
     assert (tmp_path / "report" / "trials.csv").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_bad_inputs(store, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     empty = tmp_path / "empty"
@@ -299,7 +293,7 @@ def test_bad_inputs(store, capsys, tmp_path, monkeypatch):
         ([str(gone_db)], "does not exist"),
         ([str(bad_parent)], "not found"),
         (["no_such_experiment", "--tracking-uri", store["uri"]], "no folder and no MLflow experiment"),
-        ([EXP, "--tracking-uri", f"http://127.0.0.1:{_free_port()}"], "cannot reach"),
+        ([EXP, "--tracking-uri", f"http://127.0.0.1:{free_port()}"], "cannot reach"),
         ([EXP, "--tracking-uri", store["uri"], "--parent", "f" * 32], "--parent"),
     ]
     for argv, words in cases:

@@ -2,7 +2,6 @@
 credentials never reach logs. Helpers to run a real `mlflow server` on loopback (used by
 tests/test_mlflow_server.py, where the server restarts mid-sweep)."""
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,12 +11,7 @@ import requests
 
 from orchestrator.errors import ConfigError
 from orchestrator.tracking import check_reachable, redact
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 REPO = Path(__file__).resolve().parents[1]

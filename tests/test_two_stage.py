@@ -14,17 +14,6 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.heavy
 
 
-def independent_composition(mechanisms, delta):
-    """dp-accounting's RDP accountant over several (sigma, q, steps) mechanisms."""
-    from dp_accounting import dp_event
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    acc = rdp_privacy_accountant.RdpAccountant()
-    for sigma, q, steps in mechanisms:
-        acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)),
-                                                 steps))
-    return acc.get_epsilon(delta)
-
 LDM = {"kind": "ldm", "channels": [8, 16], "num_head_channels": 4, "norm_num_groups": 4,
        "label_embedding_dim": 8, "num_train_timesteps": 50, "num_inference_steps": 3}
 

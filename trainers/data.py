@@ -243,15 +243,22 @@ def validate_dataset(root, label_names, shape, allow_pickle: bool = False, split
         if cache_dir is not None and n_read[0]:
             _save_cache(cache_dir, cache, live, {str(p) for _, _, p in samples})
 
-    # Train/test leak: the same file, or byte-identical image content, in two splits.
-    seen_path: dict[Path, tuple[str, str]] = {}
-    seen_hash: dict[str, tuple[str, str]] = {}
-    for (split, name, path), summary in zip(samples, summaries):
+    # The same file, or byte-identical image content, twice: across splits it is a
+    # train/test leak; within a split one person's record counts twice, and DP-SGD's
+    # per-record guarantee silently becomes a 2-fold group guarantee for them.
+    seen_path: dict[Path, int] = {}
+    seen_hash: dict[str, int] = {}
+    for i, ((split, name, path), summary) in enumerate(zip(samples, summaries)):
         for seen, key, how in ((seen_path, path, "same file"), (seen_hash, summary["hash"], "identical image")):
-            other = seen.setdefault(key, (split, name))
-            if other[0] != split:
-                raise DataError(f"{name} duplicates {other[1]} ({how}) - train/test leak between {other[0]} and {split}; "
-                                "expected every sample in exactly one split")
+            j = seen.setdefault(key, i)
+            if j == i:
+                continue
+            other_split, other_name, _ = samples[j]
+            if other_split != split:
+                raise DataError(f"{name} duplicates {other_name} ({how}) - train/test leak between {other_split} and "
+                                f"{split}; expected every sample in exactly one split")
+            raise DataError(f"{name} duplicates {other_name} ({how}) within the {split} split - a record present "
+                            "twice gets only two-fold group privacy; expected every record once")
 
     index: dict[str, list[Path]] = {s: [] for s in splits}
     for split, _, path in samples:

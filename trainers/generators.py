@@ -63,9 +63,10 @@ def freeze_all_but_attention(model: torch.nn.Module) -> int:
 def write_sample_grid(adapter, test_set, n: int, path: str, show_real: bool) -> None:
     """Mid slices of generated volumes, beside real test volumes with the same labels.
 
-    Real volumes and their labels are shown only when that is no release of private data
-    (public data, or a non-DP model that is not private anyway); otherwise the generated
-    volumes are drawn with all labels unknown and no real volume appears."""
+    Real volumes and their labels are shown only for public data. For private data, DP or
+    not, no real volume and no real label reaches the picture (the generated volumes are
+    drawn with all labels unknown): the picture is logged to MLflow, which may be shared
+    more widely than the data, and a non-DP model's weights are no excuse to publish pixels."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -30,8 +30,8 @@ from trainers.checkpoints import CHECKPOINT_FILE, adapter_from_record, compressi
 from trainers.data import VolumeDataset, validate_dataset
 from trainers.generators import freeze_all_but_attention, resolve_latent_scale, write_sample_grid
 from trainers.trial_eval import evaluate_trial
-from trainers.privacy import (PoissonSampler, make_dp_stepper, PrivacyFacts, ShuffleSampler, Stepper,
-                              solve_noise_multiplier, steps_per_epoch)
+from trainers.privacy import (PoissonSampler, make_dp_stepper, noisy_selection_mean, plan_privacy, ShuffleSampler,
+                              Stepper)
 
 
 class WeightEMA:
@@ -76,23 +76,10 @@ def _all_sum(values: list[float], world_size: int) -> list[float]:
     return t.tolist()
 
 
-def plan_privacy(stage: StageConfig, n_train: int, delta: float, accountant: str) -> PrivacyFacts:
-    """sigma, q and the planned number of steps, decided before training starts."""
-    steps = steps_per_epoch(n_train, stage.train.batch_size)
-    if stage.train.max_steps_per_epoch:
-        steps = min(steps, stage.train.max_steps_per_epoch)
-    total = steps * stage.train.epochs
-    q = stage.train.batch_size / n_train
-    sigma = stage.dp.noise_multiplier
-    if sigma is None:
-        sigma = solve_noise_multiplier(target_epsilon=stage.dp.target_epsilon, delta=delta,
-                                       sample_rate=q, steps=total, accountant=accountant)
-    return PrivacyFacts(noise_multiplier=sigma, sample_rate=q, delta=delta, accountant=accountant,
-                        max_grad_norm=stage.dp.max_grad_norm, steps_planned=total)
-
-
-def _evaluate(adapter, net, dataset, indices, device, batch_size, world_size):
-    """Mean per-sample loss (and components) over this rank's shard, summed over ranks."""
+def _evaluate(adapter, net, dataset, indices, device, batch_size, world_size, clip=None, raw=False):
+    """Mean per-sample loss (and components) over this rank's shard, summed over ranks.
+    `clip`: each per-sample value is clipped to [0, clip] first (the DP selection metric);
+    `raw`: return (sums, count) instead of means."""
     net.eval()
     sums: dict[str, float] = {}
     n = 0
@@ -104,13 +91,46 @@ def _evaluate(adapter, net, dataset, indices, device, batch_size, world_size):
             batch = _collate(dataset, indices[start:start + batch_size], device)
             loss, parts = adapter.per_sample_loss(net, batch)
             for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.sum())
+                v = v.detach().double()
+                sums[k] = sums.get(k, 0.0) + float((v if clip is None else v.clamp(0.0, clip)).sum())
             n += len(loss)
     net.train()
     keys = ["loss", *adapter.components]  # fixed order: every rank all-reduces the same list
     totals = _all_sum([sums.get(k, 0.0) for k in keys] + [n], world_size)
+    if raw:
+        return dict(zip(keys, totals[:-1])), totals[-1]
     count = max(totals[-1], 1.0)
     return {k: v / count for k, v in zip(keys, totals[:-1])}
+
+
+def _selection_metrics(select: dict, adapter, net, stage, val_set, val_idx, device, pbs, rank, world) -> dict:
+    """The metric that ranks this trial when `search.select_on` is not `private`, as
+    `select/<metric>` (computed once, after the last epoch, from the final weights).
+
+    public: the metric on a public dataset's validation split (val/...) or test split.
+    dp: a Gaussian mechanism on the clipped per-sample validation losses (privacy.py)."""
+    metric = select["metric"]
+    if select["on"] == "dp":
+        sums, count = _evaluate(adapter, net, val_set, val_idx, device, pbs, world, clip=select["clip"], raw=True)
+        if rank != 0:
+            return {}
+        key = metric.removeprefix("val/")
+        value = noisy_selection_mean(sums[key], count, clip=select["clip"], noise_multiplier=select["noise_multiplier"])
+        return {f"select/{metric}": value, "select.noise_multiplier": select["noise_multiplier"],
+                "select.clip": select["clip"], "select.n": count}
+    data = DataConfig.model_validate(select["data"])
+    index = validate_dataset(data.root, data.labels, tuple(data.shape), allow_pickle=data.allow_pickle,
+                             cache_dir=select.get("cache_dir"))
+    if metric.startswith("val/"):
+        public_val = VolumeDataset(index.splits["validation"], len(data.labels), allow_pickle=data.allow_pickle)
+        val = _evaluate(adapter, net, public_val, np.arange(rank, len(public_val), world), device, pbs, world)
+        return {f"select/val/{k}": v for k, v in val.items()} if rank == 0 else {}
+    if rank != 0:
+        return {}
+    public_test = VolumeDataset(index.splits["testing"], len(data.labels), allow_pickle=data.allow_pickle,
+                                preload=False)
+    return {f"select/{k}": v for k, v in evaluate_trial(adapter, stage, data, public_test, device, pbs).items()
+            if k.startswith(("fidelity/", "control/"))}
 
 
 def train_worker(config: dict) -> None:
@@ -165,11 +185,14 @@ def train_worker(config: dict) -> None:
     facts = None
     if stage.dp.enabled:
         facts = plan_privacy(stage, n_train, meta["delta"], meta["accountant"])
+        # DP noise and Poisson batches come from OS entropy; only dp.reproducible (not a DP
+        # release) derives them from the logged train.seed.
+        secret = None if not stage.dp.reproducible else stage.train.seed
         stepper = make_dp_stepper(stage.dp.grad_sample_mode, stage.model.kind, model, base_opt, world,
                                   noise_multiplier=facts.noise_multiplier, max_grad_norm=facts.max_grad_norm,
                                   sample_rate=facts.sample_rate, n_train=n_train, accountant=facts.accountant,
-                                  noise_seed=stage.train.seed)
-        sampler = PoissonSampler(n_train, stage.train.batch_size, rank, world, stage.train.seed)
+                                  noise_seed=secret)
+        sampler = PoissonSampler(n_train, stage.train.batch_size, rank, world, secret)
     else:
         stepper = Stepper(model, base_opt, world)
         sampler = ShuffleSampler(n_train, stage.train.batch_size, rank, world, stage.train.seed)
@@ -253,6 +276,9 @@ def train_worker(config: dict) -> None:
         if facts is not None:
             metrics.update({"privacy/epsilon": stepper.epsilon(facts.delta), "privacy/steps": stepper.steps,
                             **facts.as_result()})
+        if meta.get("select") and epoch + 1 == stage.train.epochs:
+            metrics.update(_selection_metrics(meta["select"], adapter, stepper.network, stage, val_set, val_idx,
+                                              device, pbs, rank, world))
         if rank == 0:
             eps = f" eps={metrics['privacy/epsilon']:.3f} steps={metrics['privacy/steps']}" if facts else ""
             print(f"[{meta['stage']}] epoch {epoch + 1}/{stage.train.epochs} "
@@ -285,7 +311,7 @@ def train_worker(config: dict) -> None:
                               + f" ({metrics['time/eval_s']:.1f}s)", flush=True)
                     if hasattr(adapter, "sample") and stage.train.sample_grid:
                         write_sample_grid(adapter, test_set, stage.train.sample_grid, os.path.join(tmp, "samples.png"),
-                                          show_real=not data_cfg.private or not stage.dp.enabled)
+                                          show_real=not data_cfg.private)
                 torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:

@@ -2,6 +2,11 @@
 
 Read this file to audit the privacy story of a trial:
 
+* Secret randomness. The Poisson batches and the Gaussian noise are what the guarantee rests
+  on: anyone who can regenerate them can subtract the noise. By default both come from the
+  operating system's entropy (`secrets`), are never logged and never saved in a checkpoint
+  (a restarted worker draws fresh ones). Only `dp.reproducible: true` (debugging) derives
+  them from `train.seed`, and such a run is tagged as not a DP release.
 * Sampling. DP-SGD's guarantee (and every accountant in Opacus and dp-accounting) assumes
   Poisson subsampling: each record joins each step independently with probability q, and
   the number of steps is fixed in advance. `PoissonSampler` does exactly that, per rank over
@@ -12,9 +17,12 @@ Read this file to audit the privacy story of a trial:
 * Clipping and noise. Opacus's DPOptimizer / DistributedDPOptimizer clip each sample's
   gradient to `max_grad_norm`, sum, add N(0, (sigma * C)^2) once per step (rank 0 only in
   the distributed case) and divide by the expected global batch q * N.
-* Accounting. One Opacus accountant per trial, fed (sigma, q) at each noise addition. Its
-  history is saved in every checkpoint and restored on resume, so a resumed run continues
-  its epsilon rather than restarting it. The facts that let anyone recompute epsilon
+* Accounting. Each trial keeps its own history of noise additions [(sigma, q, steps)] and
+  asks an Opacus accountant for epsilon over the whole history (`epsilon_of`; GDP is
+  composed by mu here, since Opacus's GaussianAccountant keeps only its last entry). The
+  history is saved in every checkpoint and restored on resume, and noise added after the
+  last checkpoint is recovered from the noise ledger, so a resumed run continues its
+  epsilon rather than restarting it. The facts that let anyone recompute epsilon
   (sigma, q, steps, delta, accountant) are reported with every epoch.
 
 Non-DP training shares the sampling/stepping structure (shuffled fixed-size batches) so the
@@ -23,6 +31,7 @@ training loop has one shape.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +52,15 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, *stream]))
 
 
+def secret_generator(device="cpu") -> torch.Generator:
+    """A torch generator seeded with 63 bits of OS entropy: nothing logged or saved can
+    regenerate its draws (torch has no CSPRNG; Opacus's secure_mode needs torchcsprng,
+    which does not build for current torch)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(secrets.randbits(63))
+    return g
+
+
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     """Sampling events per epoch: 1/q rounded up, the same on every rank."""
     return max(1, math.ceil(n_train / batch_size))
@@ -54,16 +72,21 @@ class PoissonSampler:
     Rank r owns records r, r + W, r + 2W, ...; at each step each owned record is included
     independently with probability q = batch_size / n_train. The union over ranks is then
     exactly a Poisson sample of the full dataset, which is what the accountant assumes.
+
+    `seed=None` (the DP default): each rank draws from a stream seeded by OS entropy, so
+    batch membership cannot be regenerated from anything logged. An int seed makes the
+    batches reproducible per (seed, rank, epoch): `dp.reproducible` only.
     """
 
-    def __init__(self, n_train: int, batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, n_train: int, batch_size: int, rank: int, world_size: int, seed: Optional[int]):
         self.n_train, self.rank, self.world_size, self.seed = n_train, rank, world_size, seed
         self.sample_rate = batch_size / n_train
         self.shard = np.arange(rank, n_train, world_size)
         self.steps = steps_per_epoch(n_train, batch_size)
+        self._secret = np.random.default_rng(secrets.randbits(128)) if seed is None else None
 
     def epoch(self, epoch: int):
-        rng = _rng(self.seed, 1, self.rank, epoch)
+        rng = self._secret if self.seed is None else _rng(self.seed, 1, self.rank, epoch)
         for _ in range(self.steps):
             yield self.shard[rng.random(len(self.shard)) < self.sample_rate]
 
@@ -83,6 +106,47 @@ class ShuffleSampler:
 
 
 MAX_NOISE_MULTIPLIER = 100.0
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+
+
+def merge_history(history) -> list[tuple[float, float, int]]:
+    """[(sigma, q, steps)] with identical (sigma, q) merged (composition is commutative)."""
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        if n > 0:
+            merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
+    return [(s, q, n) for (s, q), n in merged.items()]
+
+
+def gdp_epsilon(history, delta: float) -> float:
+    """Opacus's GDP (central limit theorem) accountant over a whole history: each entry is
+    mu_i-GDP (Opacus's `compute_mu_poisson`) and mu-GDP composes as sqrt(sum mu_i^2).
+    Opacus's GaussianAccountant itself reads only its last history entry and overwrites the
+    history on `step`, so 100 restored steps + 5 recovered + 1 new would count as 6."""
+    from opacus.accountants.analysis import gdp
+
+    mu = math.sqrt(sum(gdp.compute_mu_poisson(steps=n, noise_multiplier=s, sample_rate=q) ** 2
+                       for s, q, n in history))
+    if gdp.delta_eps_mu(eps=0.0, mu=mu) <= delta:
+        return 0.0
+    if not math.isfinite(mu) or gdp.delta_eps_mu(eps=500.0, mu=mu) > delta:
+        return math.inf
+    return float(gdp.eps_from_mu(mu=mu, delta=delta))
+
+
+def epsilon_of(history, delta: float, accountant: str) -> float:
+    """Epsilon at `delta` of every (sigma, q, steps) entry of `history` composed, with the
+    Opacus accountant `accountant` (prv | rdp | gdp) holding the whole history."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    history = merge_history(history)
+    if not history:
+        return 0.0
+    if accountant == "gdp":
+        return gdp_epsilon(history, delta)
+    acc = create_accountant(accountant)
+    acc.history = history
+    return float(acc.get_epsilon(delta=delta))
 
 
 def solve_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float,
@@ -101,6 +165,18 @@ def solve_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: 
                                       epsilon_tolerance=0.005))
 
 
+def noisy_selection_mean(clipped_sum: float, count: float, *, clip: float, noise_multiplier: float) -> float:
+    """`search.select_on: dp`: the mean of per-sample validation losses, each clipped to
+    [0, clip], released with the Gaussian mechanism: adding or removing one person changes
+    the clipped sum by at most `clip`, so N(0, (noise_multiplier * clip)^2) is added to the
+    sum (OS entropy, never seeded). The count is treated as public, as n_train is in q.
+    One release per trial; the ledger composes them (a Gaussian mechanism is a
+    Poisson-subsampled one with q = 1 and one step)."""
+    noise = torch.normal(0.0, noise_multiplier * clip, size=(1,), generator=secret_generator(),
+                         dtype=torch.float64).item()
+    return (clipped_sum + noise) / max(count, 1.0)
+
+
 @dataclass
 class PrivacyFacts:
     """What anyone needs to recompute epsilon (logged as MLflow params)."""
@@ -114,6 +190,23 @@ class PrivacyFacts:
     def as_result(self) -> dict:
         """The `privacy.*` keys of a trial's result (the tracker logs them as params)."""
         return {f"privacy.{k}": v for k, v in self.__dict__.items()}
+
+
+def plan_privacy(stage, n_train: int, delta: float, accountant: str) -> PrivacyFacts:
+    """sigma, q and the planned number of steps of a stage config (orchestrator.config.
+    StageConfig) on `n_train` records, decided before training starts. The loop trains with
+    it; the privacy books price every configuration a search can draw with it."""
+    steps = steps_per_epoch(n_train, stage.train.batch_size)
+    if stage.train.max_steps_per_epoch:
+        steps = min(steps, stage.train.max_steps_per_epoch)
+    total = steps * stage.train.epochs
+    q = stage.train.batch_size / n_train
+    sigma = stage.dp.noise_multiplier
+    if sigma is None:
+        sigma = solve_noise_multiplier(target_epsilon=stage.dp.target_epsilon, delta=delta,
+                                       sample_rate=q, steps=total, accountant=accountant)
+    return PrivacyFacts(noise_multiplier=sigma, sample_rate=q, delta=delta, accountant=accountant,
+                        max_grad_norm=stage.dp.max_grad_norm, steps_planned=total)
 
 
 class Stepper:
@@ -189,14 +282,29 @@ class DPStepper(Stepper):
         self.optimizer.attach_step_hook(lambda optim: self._noise_added())
 
     def _init_accounting(self, accountant, sample_rate, noise_multiplier, noise_seed):
-        self.accountant = create_accountant(accountant)
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        self.accountant = accountant
+        self.history: list[tuple[float, float, int]] = []   # [(sigma, q, steps)], whole run
         self.sample_rate, self.noise_multiplier = sample_rate, noise_multiplier
         self._noise_seed = noise_seed
         self._ledger = None
+        # Only rank 0's noise reaches the model. By default it is drawn from OS entropy;
+        # an int noise_seed (dp.reproducible) makes it reproducible via seed_noise().
+        self.generator = secret_generator(self.params[0].device) if noise_seed is None else None
+        if hasattr(self.optimizer, "generator"):
+            self.optimizer.generator = self.generator
+
+    def _account(self, steps: int) -> None:
+        s, q = float(self.noise_multiplier), float(self.sample_rate)
+        if self.history and self.history[-1][:2] == (s, q):
+            self.history[-1] = (s, q, self.history[-1][2] + steps)
+        else:
+            self.history.append((s, q, steps))
 
     def _noise_added(self) -> None:
-        """Called once per noise addition: the accountant counts it, the ledger records it."""
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        """Called once per noise addition: the history counts it, the ledger records it."""
+        self._account(1)
         if self._ledger is not None:
             with open(self._ledger, "a") as f:
                 f.write(f"{self.noise_multiplier} {self.sample_rate} {self.steps}\n")
@@ -206,7 +314,8 @@ class DPStepper(Stepper):
         return self.module._module  # the plain model, for evaluation and checkpoints
 
     def seed_noise(self, *stream: int) -> None:
-        """Reproducible noise per (seed, epoch, rank); only rank 0's noise is used."""
+        """dp.reproducible only: noise reproducible per (seed, epoch, rank). Without a
+        noise_seed the secret generator drawn at construction keeps running."""
         if self._noise_seed is not None:
             g = torch.Generator(device=self.params[0].device)
             g.manual_seed(int(_rng(self._noise_seed, 3, *stream).integers(2**62)))
@@ -241,17 +350,16 @@ class DPStepper(Stepper):
 
     @property
     def steps(self) -> int:
-        return sum(n for _, _, n in self.accountant.history)
+        return sum(n for _, _, n in self.history)
 
     def epsilon(self, delta: float) -> float:
-        if not self.accountant.history:
-            return 0.0
-        return float(self.accountant.get_epsilon(delta=delta))
+        return epsilon_of(self.history, delta, self.accountant)
 
     def state_dict(self) -> dict:
         # Plain lists of (sigma, q, steps) so torch.load(weights_only=True) can read it back.
-        return {"mechanism": self.accountant.mechanism(),
-                "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history]}
+        # The noise generator's state is deliberately not saved: a restart draws a new one.
+        return {"mechanism": self.accountant,
+                "history": [[float(s), float(q), int(n)] for s, q, n in self.history]}
 
     # --- the noise ledger: noise added since the last checkpoint is never forgotten ------
     def attach_ledger(self, path) -> None:
@@ -264,26 +372,50 @@ class DPStepper(Stepper):
         self._ledger.parent.mkdir(parents=True, exist_ok=True)
 
     def count_ledger(self, path) -> int:
-        """Steps recorded in the ledger beyond the restored history are added back."""
+        """Steps recorded in the ledger beyond the restored history are added back, at this
+        run's (sigma, q). Each line is `sigma q steps_so_far`; a line that does not parse
+        as that (a worker killed mid-write leaves e.g. `1.0 0.`) is one noise addition
+        whose record was torn, when no valid line follows it."""
         from pathlib import Path
 
         path = Path(path)
         if not path.exists():
             return 0
-        lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
-        logged = max((int(ln[2]) for ln in lines if len(ln) == 3), default=0)
-        missing = logged - self.steps
+        logged, torn = 0, 0
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            n = _ledger_steps(line)
+            if n is None:
+                torn += 1
+            else:
+                logged, torn = max(logged, n), 0
+        missing = logged + torn - self.steps
         if missing > 0:
-            self.accountant.history.append((float(lines[-1][0]), float(lines[-1][1]), missing))
+            self._account(missing)
         return max(missing, 0)
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
-        if state["mechanism"] != self.accountant.mechanism():
+        if state["mechanism"] != self.accountant:
             raise ValueError(f"checkpoint was accounted with {state['mechanism']}, "
-                             f"this run uses {self.accountant.mechanism()}")
-        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+                             f"this run uses {self.accountant}")
+        self.history = merge_history((float(s), float(q), int(n)) for s, q, n in state["history"])
+
+
+def _ledger_steps(line: str) -> Optional[int]:
+    """The step count of a valid noise-ledger line, None for a torn or corrupt one."""
+    parts = line.split()
+    if len(parts) != 3:
+        return None
+    try:
+        sigma, q, n = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    if not (math.isfinite(sigma) and sigma > 0 and 0 < q <= 1 and n >= 1):
+        return None
+    return n
 
 
 class GhostDPStepper(DPStepper):
@@ -307,7 +439,6 @@ class GhostDPStepper(DPStepper):
         Stepper.__init__(self, gsm, optimizer, world_size)
         self.max_grad_norm, self.expected_batch = max_grad_norm, sample_rate * n_train
         self._init_accounting(accountant, sample_rate, noise_multiplier, noise_seed)
-        self.generator = None
         self._summed = None
 
     def seed_noise(self, *stream: int) -> None:
@@ -353,6 +484,8 @@ class GhostDPStepper(DPStepper):
         self._summed = None
 
 
+from trainers import grad_samplers as _grad_samplers  # noqa: E402,F401  registers the 3D conv samplers with Opacus
+
 # `auto`: per family, the fastest correct mode measured by benchmarks/dp_overhead.py on CPU
 # (functorch beat hooks for every family: 1.7-2.5x vs 3.8-4.1x a non-DP step; ghost clipping
 # only helps layers with a norm sampler, Linear and Embedding, and these models are
@@ -362,6 +495,10 @@ AUTO_MODE = {"beta_vae": "functorch", "vq_vae": "functorch", "ldm": "functorch"}
 
 def make_dp_stepper(mode: str, family: str, model, optimizer, world_size: int, **kw) -> DPStepper:
     mode = AUTO_MODE.get(family, "functorch") if mode == "auto" else mode
+    if mode == "bk":
+        from trainers.book_keeping import BookKeepingDPStepper
+
+        return BookKeepingDPStepper(model, optimizer, world_size, **kw)
     if mode == "ghost":
         return GhostDPStepper(model, optimizer, world_size, **kw)
     return DPStepper(model, optimizer, world_size, grad_sample_mode=mode, **kw)
