@@ -5,15 +5,21 @@
 The claim under test (README, "How privacy is handled"): a logical (Poisson) batch is split
 into physical micro-batches with Opacus's virtual-step protocol, so memory depends on the
 physical batch only. Each logical batch size runs a few DP steps exactly as
-`trainers/loop.py` does, in a fresh process, and reports that process's peak memory; the
-ratio to the smallest logical batch is what a larger batch costs in memory (ideally 1.0).
+`trainers/loop.py` does, in a fresh process, and reports what the steps added to the
+process's memory: peak RSS minus the RSS just before the first step (interpreter, libraries,
+model and data), which would otherwise dominate and hide any growth. The ratio of that
+increment to the smallest logical batch's is what a larger batch costs (ideally 1.0).
+`--physical 0` turns micro-batching off (one physical batch = the logical batch), the
+contrast that shows the measurement can see growth.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing
+import os
 import resource
+import warnings
 import time
 
 import torch
@@ -22,13 +28,19 @@ SHAPE = (5, 16, 16)
 N_LABELS = 3
 
 
-def _one(logical: int, physical: int, steps: int, n_train: int, threads: int) -> dict:
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _one(logical: int, physical: int, steps: int, n_train: int, threads: int, mode: str) -> dict:
     """`steps` DP steps at one logical batch; runs in its own process so peaks don't mix."""
     from models import build_adapter
     from orchestrator.config import BetaVAEConfig
-    from trainers.privacy import DPStepper, PoissonSampler
+    from trainers.privacy import PoissonSampler, make_dp_stepper
 
     torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Synthetic data held in memory: the same n_train for every size, so the dataset's share
     # of the peak is constant and only the logical batch varies.
@@ -39,11 +51,13 @@ def _one(logical: int, physical: int, steps: int, n_train: int, threads: int) ->
     adapter = build_adapter(BetaVAEConfig(channels=[4, 8], latent_channels=2, norm_num_groups=4), SHAPE, N_LABELS)
     model = adapter.network.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    stepper = DPStepper(model, opt, 1, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=logical / n_train,
-                        n_train=n_train, accountant="prv", grad_sample_mode="functorch", noise_seed=0)
+    stepper = make_dp_stepper(mode, "beta_vae", model, opt, 1, noise_multiplier=1.0, max_grad_norm=1.0,
+                              sample_rate=logical / n_train, n_train=n_train, accountant="prv")
     sampler = PoissonSampler(n_train, logical, rank=0, world_size=1, seed=0)
+    physical = physical or 10 * logical  # 0: no micro-batching (every Poisson batch in one piece)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    base_mb = _rss_mb()
     t0, seen = time.perf_counter(), 0
     # The micro-batch loop of trainers/loop.py, without Ray.
     for step, local in enumerate(sampler.epoch(0)):
@@ -62,7 +76,8 @@ def _one(logical: int, physical: int, steps: int, n_train: int, threads: int) ->
                 seen += len(chunk)
             stepper.microbatch_done(last=j == len(chunks) - 1)
     assert stepper.steps == steps, "every sampling event must be one accounted step"
-    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return {"peak_mb": peak_mb, "base_mb": base_mb, "increment_mb": peak_mb - base_mb,
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "samples": seen, "seconds": time.perf_counter() - t0}
 
@@ -71,13 +86,14 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 512, 4096], help="logical batch sizes")
-    p.add_argument("--physical", type=int, default=8, help="physical (micro-)batch")
+    p.add_argument("--physical", type=int, default=8, help="physical (micro-)batch; 0: no micro-batching")
+    p.add_argument("--mode", default="auto", help="grad_sample_mode")
     p.add_argument("--steps", type=int, default=2, help="DP steps per logical batch size")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each measuring process")
     args = p.parse_args(argv)
     sizes = sorted(args.sizes)
     n_train = 2 * sizes[-1]  # q = 1/2 at the largest size: a genuine Poisson sample, not the whole set
-    print(f"beta_vae [4, 8], shape {SHAPE}, DP-SGD (functorch), n_train {n_train}, physical batch "
+    print(f"beta_vae [4, 8], shape {SHAPE}, DP-SGD ({args.mode}), n_train {n_train}, physical batch "
           f"{args.physical}, {args.steps} step(s) per size, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}", flush=True)
 
@@ -85,23 +101,27 @@ def main(argv=None) -> list[dict]:
     rows = []
     for logical in sizes:
         with ctx.Pool(1, maxtasksperchild=1) as pool:
-            r = pool.apply(_one, (logical, args.physical, args.steps, n_train, args.threads))
-        row = {"logical_batch": logical, "physical_batch": args.physical, "peak_mb": round(r["peak_mb"], 1)}
+            r = pool.apply(_one, (logical, args.physical, args.steps, n_train, args.threads, args.mode))
+        row = {"logical_batch": logical, "physical_batch": args.physical or logical, "peak_mb": round(r["peak_mb"], 1),
+               "increment_mb": round(r["increment_mb"], 1)}
         if r["cuda_peak_mb"] is not None:
             row["cuda_peak_mb"] = round(r["cuda_peak_mb"], 1)
         rows.append(row)
-        print(f"  logical {logical}: {r['samples']} samples in {r['seconds']:.1f}s, peak RSS {r['peak_mb']:.0f} MB",
+        print(f"  logical {logical}: {r['samples']} samples in {r['seconds']:.1f}s, peak RSS {r['peak_mb']:.0f} MB, "
+              f"{r['increment_mb']:.1f} MB over the {r['base_mb']:.0f} MB before the first step",
               flush=True)
     for row in rows:
         row["peak_vs_smallest"] = round(row["peak_mb"] / rows[0]["peak_mb"], 3)
+        row["increment_vs_smallest"] = round(row["increment_mb"] / rows[0]["increment_mb"], 3)
         if "cuda_peak_mb" in row:
             row["cuda_peak_vs_smallest"] = round(row["cuda_peak_mb"] / rows[0]["cuda_peak_mb"], 3)
 
     cuda = "cuda_peak_mb" in rows[0]
-    print(f"\n{'logical':>8}{'physical':>10}{'peak RSS MB':>13}{'vs smallest':>13}"
+    print(f"\n{'logical':>8}{'physical':>10}{'peak RSS MB':>13}{'increment MB':>14}{'vs smallest':>13}"
           + (f"{'CUDA MB':>10}" if cuda else ""))
     for r in rows:
-        print(f"{r['logical_batch']:>8}{r['physical_batch']:>10}{r['peak_mb']:>13.1f}{r['peak_vs_smallest']:>12.3f}x"
+        print(f"{r['logical_batch']:>8}{r['physical_batch']:>10}{r['peak_mb']:>13.1f}{r['increment_mb']:>14.1f}"
+              f"{r['increment_vs_smallest']:>12.3f}x"
               + (f"{r['cuda_peak_mb']:>10.1f}" if cuda else ""))
     if args.json:
         with open(args.json, "w") as f:

@@ -115,10 +115,12 @@ TINY_LDM = {"kind": "ldm", "channels": [8, 16], "num_head_channels": 4, "norm_nu
 
 def stage(name: str = "ae", *, model: Optional[dict] = None, train: Optional[dict] = None,
           dp: Optional[dict] = None, **keys) -> dict:
-    """A tiny DP stage (beta-VAE 4/8 channels, 1 epoch, batch 4, sigma 1); `model`, `train`
-    and `dp` update the defaults key by key, other keys (search, needs, ...) are set as given."""
+    """A tiny DP stage (beta-VAE 4/8 channels, 1 epoch, batch 4, sigma 1); `train` and `dp`
+    update the defaults key by key, `model` too unless it names another `kind` (then it is
+    the whole model config); other keys (search, needs, ...) are set as given."""
+    model = model or {}
     return {"name": name,
-            "model": {**TINY_AE, **(model or {})},
+            "model": dict(model) if model.get("kind", "beta_vae") != "beta_vae" else {**TINY_AE, **model},
             "train": {"epochs": 1, "batch_size": 4, "physical_batch_size": 2, **(train or {})},
             "dp": {"enabled": True, "noise_multiplier": 1.0, **(dp or {})},
             **keys}
@@ -214,3 +216,63 @@ def noise_ledger(output: Path, run) -> Path:
 
 def noise_ledger_lines(output: Path, run) -> int:
     return sum(1 for line in noise_ledger(output, run).read_text().splitlines() if line.strip())
+
+
+# --- the training loop in this process ------------------------------------------------------
+
+
+class _OneRankContext:
+    def get_world_rank(self):
+        return 0
+
+    def get_world_size(self):
+        return 1
+
+    def get_experiment_name(self):
+        return "in-process"
+
+
+def phantom_data(root: Path, n: int = 12, shape: Sequence[int] = (5, 16, 16),
+                 labels: Sequence[str] = ("LVEDV", "ESED"), private: bool = True, seed: int = 0) -> dict:
+    """A phantom dataset at `root` (made once) and its `data` config as the loop's meta has it."""
+    from orchestrator.config import DataConfig
+    from orchestrator.phantoms import synthesize
+
+    if not (Path(root) / "training.npy").exists():
+        synthesize(root, n=n, shape=tuple(shape), seed=seed, labels=list(labels))
+    return DataConfig.model_validate({"root": str(root), "labels": list(labels), "shape": list(shape),
+                                      "private": private}).model_dump()
+
+
+def run_loop(monkeypatch, tmp_path: Path, stage: dict, data: dict, *, checkpoint: Optional[Path] = None,
+             **meta) -> list[tuple[dict, Optional[Path]]]:
+    """`trainers.loop.train_worker` run here as the one rank of a Ray Train run, Ray's API
+    stubbed: `checkpoint` is what `ray.train.get_checkpoint()` returns (a resume). Returns
+    every report as (metrics, a copy of its checkpoint folder or None)."""
+    import shutil
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from trainers import loop
+
+    reports = []
+
+    def report(metrics, checkpoint=None):
+        kept = None
+        if checkpoint is not None:
+            kept = Path(tmp_path) / f"report{len(reports)}"
+            shutil.copytree(checkpoint.path, kept)
+        reports.append((dict(metrics), kept))
+
+    monkeypatch.setattr(ray.train, "get_context", _OneRankContext)
+    monkeypatch.setattr(ray.train, "get_checkpoint",
+                        lambda: None if checkpoint is None else ray.train.Checkpoint.from_directory(str(checkpoint)))
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    meta = {"stage": stage.get("name", "s"), "data": data, "delta": 1e-3, "accountant": "rdp",
+            "storage_path": str(Path(tmp_path) / "storage"), "cpus_per_worker": 1, **meta}
+    with torch.random.fork_rng(devices=[]):
+        loop.train_worker({"stage": {k: v for k, v in stage.items() if k != "name"}, "meta": meta})
+    return reports

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -374,12 +373,59 @@ def test_damaged_cache_is_ignored(tmp_path):
     assert "entries" in (tmp_path / "c" / data._CACHE_FILE).read_text()
 
 
+class WritesMarker:
+    """Unpickling this creates the file `path` (as `open(path, "w")`): a stand-in for a
+    malicious pickle, harmless but visible."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def evil_object_array(marker):
+    return np.array([WritesMarker(marker), None], dtype=object)
+
+
+def test_evil_payload_is_live(tmp_path):
+    """The payload the refusal tests below rely on does run when a file is unpickled."""
+    marker = tmp_path / "pwned"
+    np.save(tmp_path / "evil.npy", evil_object_array(marker), allow_pickle=True)
+    np.load(tmp_path / "evil.npy", allow_pickle=True)
+    assert marker.exists()
+
+
 def test_read_sample_refuses_pickle_by_default(tmp_path):
     p = write_sample(tmp_path / "x.npy", _image(0), np.zeros(2), fmt="npy")
     with pytest.raises(DataError, match="allow_pickle"):
         read_sample(p)
     # The file must not even be opened: a malicious pickle would run on load.
+    marker = tmp_path / "pwned"
     evil = tmp_path / "evil.npy"
-    evil.write_bytes(pickle.dumps(0))
+    np.save(evil, evil_object_array(marker), allow_pickle=True)
     with pytest.raises(DataError, match="evil.npy"):
         read_sample(evil)
+    assert not marker.exists(), "the pickle ran"
+
+
+@pytest.mark.parametrize("where", ["sample.npy", "sample.npz", "index"])
+def test_malicious_pickles_never_run_without_allow_pickle(tmp_path, where):
+    make_dataset(tmp_path / "d")
+    marker = tmp_path / "pwned"
+    root = tmp_path / "d"
+    if where == "sample.npy":
+        np.save(root / "samples" / "evil.npy", evil_object_array(marker), allow_pickle=True)
+        set_index(root, "training", ["samples/s0.npz", "samples/evil.npy"])
+    elif where == "sample.npz":   # an object array inside an .npz is a pickle too, refused always
+        np.savez(root / "samples" / "s0.npz", image=_image(0), labels=evil_object_array(marker))
+    else:
+        np.save(root / "training.npy", np.array(["samples/s0.npz", WritesMarker(marker)], dtype=object),
+                allow_pickle=True)
+    with pytest.raises(DataError):
+        validate_dataset(root, LABELS, SHAPE)
+    assert not marker.exists(), "the pickle ran"
+    if where == "sample.npz":
+        with pytest.raises(DataError):
+            read_sample(root / "samples" / "s0.npz", allow_pickle=True)
+        assert not marker.exists(), "the pickle in an .npz ran"

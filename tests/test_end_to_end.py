@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import client_for, independent_epsilon, launch, parent_run, stage, sweep_dict, trial_runs, write_sweep
+from tests.helpers import (client_for, independent_composition, independent_epsilon, launch, parent_run, stage,
+                           sweep_dict, trial_runs, write_sweep)
 
 pytestmark = pytest.mark.heavy
 
@@ -54,4 +55,15 @@ def test_two_trials_two_workers_dp_sweep_lands_in_mlflow(tmp_path):
         assert run.data.metrics["privacy/steps"] == steps
         assert run.data.metrics["privacy/epsilon"] == pytest.approx(
             independent_epsilon(sigma, q, steps, 1e-3, "rdp"), rel=0.01)
+        # the ledger's outputs on the trial: a lineage of one DP trial costs its own epsilon
+        assert tags["orchestrator.private_data"] == "true"
+        assert run.data.metrics["privacy/epsilon_total"] == pytest.approx(run.data.metrics["privacy/epsilon"], rel=1e-6)
+        assert "orchestrator.privacy_total" not in tags
     assert sigmas == {0.8, 1.5}
+    # ... and on the parent: the study composes both trials (same private data), the worst
+    # lineage is the total, and a grid search is flagged as outside repeat-and-select
+    assert parent.data.metrics["privacy/epsilon_study"] == pytest.approx(
+        independent_composition([(s, BATCH / n_train, steps) for s in sigmas], 1e-3, "rdp"), rel=0.01)
+    assert parent.data.metrics["privacy/epsilon_total"] == pytest.approx(
+        max(r.data.metrics["privacy/epsilon"] for r in children), rel=1e-6)
+    assert parent.data.tags["orchestrator.tuning_outside_theorem.ae"]

@@ -30,6 +30,9 @@ MICRO = [slice(0, 2), slice(2, 3)]  # two micro-batches of one logical batch
 def setup(family, k):
     torch.manual_seed(0)
     adapter = build_adapter(FAMILIES[family], SHAPE, 2)
+    with torch.no_grad():  # MONAI zero-initialises the UNet's output layers: no gradient would reach the rest
+        for p in adapter.network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     if k > 1:
         adapter.noise_multiplicity = k
     torch.manual_seed(1)
@@ -80,13 +83,17 @@ def check_all_modes(family, k, modes):
     C = (norms[0] + norms[1]) / 2  # the smallest sample is not clipped, the others are
     want = [sum(gs[j] * min(1.0, C / (torch.sqrt(sum((g ** 2).sum() for g in gs)) + 1e-6)) for gs in per_sample)
             for j in range(len(per_sample[0]))]
-    assert all(w.abs().sum() > 0 for w in want[:3])
+    assert sum(bool(w.abs().sum() > 0) for w in want) > len(want) // 2  # a test with gradients in it
+    # float32 noise floor: parameters whose exact gradient is ~0 (a bias right before a
+    # GroupNorm) are compared against the whole gradient's scale, the others relatively.
+    floor = 1e-6 * torch.sqrt(sum((w ** 2).sum() for w in want))
     for mode in modes:
         got = dp_clipped_sum(family, mode, k, C)
         assert len(got) == len(want)
         for j, (a, b) in enumerate(zip(got, want)):
-            err = (a - b).norm() / (b.norm() + 1e-12)
-            assert err < 2e-3 or (a - b).norm() < 1e-7, f"{family} {mode} K={k} param {j} {tuple(b.shape)}: rel. err {err:.2e}"
+            err = (a - b).norm()
+            assert err <= 2e-3 * b.norm() + floor, \
+                f"{family} {mode} K={k} param {j} {tuple(b.shape)}: error {err:.2e}, norm {b.norm():.2e}"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

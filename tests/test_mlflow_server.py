@@ -7,10 +7,9 @@ import sys
 import time
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import free_port
+from tests.helpers import free_port, parent_run, stage, sweep_dict, trial_runs, write_sweep
 from tests.test_tracking import start_server, stop_server
 
 pytestmark = pytest.mark.heavy
@@ -21,19 +20,11 @@ def test_sweep_over_http_survives_a_server_restart(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path / "server", port)
     epochs = 4
-    sweep = {
-        "name": "over_http", "output": "runs/h",
-        "data": {"root": "data/p", "labels": ["LVEDV", "ESED"], "shape": [5, 16, 16],
-                 "synthesize": {"kind": "phantom", "n": 30, "seed": 4}},
-        "privacy": {"delta": 1e-3},
-        "cluster": {"workers_per_trial": 1, "max_concurrent_trials": 1},
-        "tracking": {"uri": uri},
-        "stages": [{"name": "ae", "model": {"kind": "beta_vae", "channels": [4, 8], "norm_num_groups": 4},
-                    "train": {"epochs": epochs, "batch_size": 8, "physical_batch_size": 4},
-                    "dp": {"enabled": True, "noise_multiplier": 1.0}, "eval": {"n_samples": 4}}],
-    }
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    sweep = sweep_dict("over_http", output="runs/h", n=30, seed=4, labels=("LVEDV", "ESED"), privacy={"accountant": "prv"},
+                       cluster={"max_concurrent_trials": 1}, tracking={"uri": uri},
+                       stages=[stage(train={"epochs": epochs, "batch_size": 8, "physical_batch_size": 4},
+                                     eval={"n_samples": 4})])
+    path = write_sweep(tmp_path, sweep, "s.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -42,8 +33,7 @@ def test_sweep_over_http_survives_a_server_restart(tmp_path):
         logged = 0
         while logged < 1 and time.time() < deadline and proc.poll() is None:
             time.sleep(1)
-            exp = client.get_experiment_by_name("over_http")
-            runs = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'trial'") if exp else []
+            runs = trial_runs(client, "over_http")
             logged = max([len(client.get_metric_history(r.info.run_id, "val/loss")) for r in runs] or [0])
         assert proc.poll() is None, "the sweep ended before the server could be restarted"
         stop_server(server)
@@ -53,17 +43,14 @@ def test_sweep_over_http_survives_a_server_restart(tmp_path):
         assert proc.returncode == 0, out[-4000:]
         assert "unreachable" in out and "is back" in out
 
-        exp = client.get_experiment_by_name("over_http")
-        runs = client.search_runs([exp.experiment_id])
-        parent = [r for r in runs if r.data.tags.get("orchestrator.role") == "sweep"]
-        trials = [r for r in runs if r.data.tags.get("orchestrator.role") == "trial"]
-        assert len(parent) == 1 and len(trials) == 1
+        parent, trials = parent_run(client, "over_http"), trial_runs(client, "over_http")
+        assert len(trials) == 1
         for run in trials:
             assert run.info.status == "FINISHED"
             steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "privacy/epsilon")})
             assert steps == list(range(1, epochs + 1)), "epochs logged during the outage were lost"
             assert "fidelity/ssim" in run.data.metrics and "privacy/epsilon_total" in run.data.metrics
-        names = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+        names = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert {"sweep.yaml", "privacy_ledger.json", "report"} <= names
         # artifacts went over http into the server's own artifact store
         assert list((tmp_path / "server" / "artifacts").rglob("privacy_ledger.json"))

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.utils import trainable_parameters
+from opacus.utils.module_utils import trainable_parameters
 
 from trainers import grad_samplers as gs
 from trainers.privacy import GhostDPStepper, Stepper

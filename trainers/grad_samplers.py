@@ -24,6 +24,7 @@ Two ways to get what clipping needs from (activations a, output gradients g), pe
 """
 from __future__ import annotations
 
+import time
 from typing import Dict, List
 
 import torch
@@ -49,15 +50,69 @@ def _conv_backward(layer, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
                                      list(layer.dilation), transposed, out_pad, groups, mask)
 
 
-def conv_per_sample_weight_grad(layer, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """[B, *weight.shape]: each sample's weight gradient, in one grouped weight-gradient call."""
+def _grouped(layer, x, g):
+    """The batch folded into the channel groups: one weight-gradient call for all samples."""
     b = x.shape[0]
-    x1 = x.reshape(1, b * x.shape[1], *x.shape[2:])
-    g1 = g.reshape(1, b * g.shape[1], *g.shape[2:])
-    w = layer.weight.detach()
+    x1 = x.contiguous().reshape(1, b * x.shape[1], *x.shape[2:])
+    g1 = g.contiguous().reshape(1, b * g.shape[1], *g.shape[2:])
+    w = layer.weight.detach().to(g.dtype).contiguous()
     w_b = w.expand(b, *w.shape).reshape(b * w.shape[0], *w.shape[1:])  # only its shape is read
-    gw = _conv_backward(layer, x1, g1, w_b, b * layer.groups, [False, True, False])[1]
-    return gw.view(b, *w.shape)
+    return _conv_backward(layer, x1, g1, w_b, b * layer.groups, [False, True, False])[1].view(b, *w.shape)
+
+
+def _per_sample_calls(layer, x, g):
+    """One weight-gradient call per sample, in the tensors' own memory layout."""
+    w = layer.weight.detach().to(g.dtype)
+    return torch.stack([_conv_backward(layer, x[i:i + 1], g[i:i + 1], w, layer.groups, [False, True, False])[1]
+                        for i in range(x.shape[0])])
+
+
+def _unfolded(layer, x, g):
+    """Unfold + einsum: for few input channels (the first layer), where the unfolded input
+    is small and the grouped kernel has one channel per group to work with."""
+    b, c = x.shape[:2]
+    a = unfold3d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                 dilation=layer.dilation)  # [B, Cin k^3, T]
+    return torch.einsum("bdt,bpt->bpd", a, g.reshape(b, g.shape[1], -1)).reshape(b, *layer.weight.shape)
+
+
+def _methods(layer, x):
+    methods = {"grouped": _grouped, "per_sample_calls": _per_sample_calls}
+    if isinstance(layer, nn.Conv3d) and layer.groups == 1 and x[0].numel() * layer.weight[0, 0].numel() <= 2**22:
+        methods["unfolded"] = _unfolded
+    return methods
+
+
+# Which method is fastest depends on the layer's shape, the memory layout and the machine
+# (on this CPU: grouped for most layers in the default layout, per-sample calls for some
+# channels_last_3d layers, unfold for one input channel). Each layer signature is timed once,
+# on its first batch, and the winner cached: every method computes the same numbers.
+_CHOICE: dict = {}
+FORCE_METHOD = None  # tests set this to check every method against a direct computation
+
+
+def _timed(f, *args):
+    sync = torch.cuda.synchronize if args[1].is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = f(*args)
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def conv_per_sample_weight_grad(layer, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[B, *weight.shape]: each sample's weight gradient, by the method measured fastest."""
+    methods = _methods(layer, x)
+    if FORCE_METHOD is not None:
+        return methods[FORCE_METHOD](layer, x, g).to(layer.weight.dtype)
+    key = (type(layer), tuple(x.shape), tuple(g.shape), tuple(layer.weight.shape), layer.stride, layer.padding,
+           layer.dilation, layer.groups, x.dtype, x.device.type, x.is_contiguous(), g.is_contiguous())
+    if key not in _CHOICE:
+        times = {}
+        for name, f in methods.items():
+            times[name] = min(_timed(f, layer, x, g)[0] for _ in range(2))
+        _CHOICE[key] = min(times, key=times.get)
+    return methods[_CHOICE[key]](layer, x, g).to(layer.weight.dtype)
 
 
 @register_grad_sampler(list(CONVS))
@@ -73,7 +128,7 @@ def conv_grad_sample(layer, activations: List[torch.Tensor], backprops: torch.Te
     elif layer.weight.requires_grad:
         ret[layer.weight] = conv_per_sample_weight_grad(layer, x, backprops)
     if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = backprops.flatten(2).sum(2)
+        ret[layer.bias] = backprops.flatten(2).sum(2).to(layer.bias.dtype)
     return ret
 
 
@@ -126,15 +181,15 @@ def clipped_sum(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, coef_rows: t
     gs = g * coef_rows.view(-1, *[1] * (g.dim() - 1)).to(g.dtype)
     out = {}
     if isinstance(layer, nn.Linear):
-        out[layer.weight] = torch.einsum("n...i,n...j->ij", gs, x)
+        out[layer.weight] = torch.einsum("n...i,n...j->ij", gs, x).to(layer.weight.dtype)
         if layer.bias is not None and layer.bias.requires_grad:
-            out[layer.bias] = gs.reshape(-1, gs.shape[-1]).sum(0)
+            out[layer.bias] = gs.reshape(-1, gs.shape[-1]).sum(0).to(layer.bias.dtype)
         return out
     want_bias = layer.bias is not None and layer.bias.requires_grad
-    _, gw, gb = _conv_backward(layer, x, gs, layer.weight.detach(), layer.groups, [False, True, want_bias])
-    out[layer.weight] = gw
+    _, gw, gb = _conv_backward(layer, x, gs, layer.weight.detach().to(g.dtype), layer.groups, [False, True, want_bias])
+    out[layer.weight] = gw.to(layer.weight.dtype)
     if want_bias:
-        out[layer.bias] = gb
+        out[layer.bias] = gb.to(layer.bias.dtype)
     return out
 
 
