@@ -183,7 +183,7 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
     batch_size: int = Field(32, ge=1, description="logical batch (the expected Poisson batch in DP mode)")
     physical_batch_size: int = Field(8, ge=1, description="micro-batch actually run; memory depends on this only")
-    seed: int = Field(0, description="seed of weights, sampling and noise")
+    seed: int = Field(0, description="seed of the initial weights, non-DP shuffling and the loss's own draws; DP noise and Poisson batches come from OS entropy unless `dp.reproducible`")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap on steps per epoch (`--smoke-test` sets 2)")
     finetune: Literal["all", "attention"] = Field(
         "all", description="`attention`: train only attention and label-conditioning layers (DP-LDM style fine-tuning)")

@@ -5,21 +5,44 @@ import json
 
 import pytest
 
-from benchmarks import memory, scaling
+from benchmarks import dp_overhead, memory, scaling
 from orchestrator.config import StageConfig
 
 
-def test_memory_is_flat_in_logical_batch(tmp_path):
-    out = tmp_path / "memory.json"
-    memory.main(["--sizes", "16", "64", "--physical", "8", "--steps", "1", "--json", str(out)])
+def test_memory_is_flat_in_logical_batch_and_the_check_can_fail(tmp_path):
+    """What the DP steps add to the process's memory (peak minus the RSS before the first
+    step) stays flat in the logical batch with micro-batching, and grows without it: the same
+    check, run with micro-batching off, fails."""
+    def increments(physical):
+        out = tmp_path / f"memory{physical}.json"
+        memory.main(["--sizes", "16", "64", "--physical", str(physical), "--steps", "1", "--json", str(out)])
+        rows = json.loads(out.read_text())
+        assert [r["logical_batch"] for r in rows] == [16, 64]
+        for r in rows:
+            assert {"logical_batch", "physical_batch", "peak_mb", "increment_mb", "increment_vs_smallest"} <= set(r)
+            assert r["increment_mb"] > 0
+        return rows
+
+    flat = increments(8)
+    assert [r["physical_batch"] for r in flat] == [8, 8]
+    # 4x the logical batch, same physical batch: the increment must not follow the logical batch
+    assert flat[-1]["increment_mb"] <= 1.25 * flat[0]["increment_mb"]
+    whole = increments(0)  # no micro-batching: 16 and 64 samples in one piece
+    assert [r["physical_batch"] for r in whole] == [16, 64]
+    assert whole[-1]["increment_mb"] > 1.5 * whole[0]["increment_mb"]
+
+
+def test_dp_overhead_reports_every_mode_side_by_side(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    dp_overhead.main(["--shape", "3", "8", "8", "--batch", "2", "--repeats", "1", "--families", "vq_vae",
+                      "--modes", "hooks", "bk", "--reference", "off", "--json", str(out)])
     rows = json.loads(out.read_text())
-    assert [r["logical_batch"] for r in rows] == [16, 64]
+    assert [r["mode"] for r in rows] == ["hooks", "bk"]
     for r in rows:
-        assert {"logical_batch", "physical_batch", "peak_mb", "peak_vs_smallest"} <= set(r)
-        assert r["physical_batch"] == 8 and r["peak_mb"] > 0
-    assert rows[0]["peak_vs_smallest"] == 1.0
-    # 4x the logical batch, same physical batch: memory must not follow the logical batch
-    assert rows[-1]["peak_mb"] <= 1.5 * rows[0]["peak_mb"]
+        assert r["layout"] in dp_overhead.LAYOUTS and r["dp_step_s"] > 0 and r["nondp_step_s"] > 0
+        assert r["dp_over_nondp"] == round(r["dp_step_s"] / r["nondp_step_s"], 2)
+        assert r["peak_mb"] > 0 and r["nondp_peak_mb"] > 0
+    assert "| 3x8x8, 2 | vq_vae |" in capsys.readouterr().out
 
 
 def test_scaling_help_and_stage_is_valid(capsys):
