@@ -160,6 +160,9 @@ class LDM(Adapter):
             num_res_blocks=c.num_res_blocks, num_head_channels=c.num_head_channels,
             norm_num_groups=c.norm_num_groups, with_conditioning=True,
             cross_attention_dim=c.label_embedding_dim,
+            # torch's fused scaled_dot_product_attention: parameter-free, so per-sample
+            # gradients (hooks on the Linear projections around it) are unchanged by it.
+            use_flash_attention=True,
         )
         schedule = dict(schedule=c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end)
         # Schedulers hold no trainable state: kept outside the network Opacus wraps.

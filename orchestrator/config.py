@@ -222,8 +222,9 @@ class DPConfig(_Strict):
     noise_multiplier: Optional[float] = Field(None, gt=0, description="sigma; give this or `target_epsilon`")
     target_epsilon: Optional[float] = Field(None, gt=0, description="solve sigma so the run ends at this epsilon")
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping bound C")
-    grad_sample_mode: Literal["auto", "functorch", "hooks", "ghost"] = Field(
-        "auto", description="per-sample gradients: Opacus functorch or hooks, or ghost clipping; auto: fastest per family")
+    grad_sample_mode: Literal["auto", "functorch", "hooks", "ghost", "bk"] = Field(
+        "auto", description="per-sample gradients: Opacus functorch or hooks, ghost clipping, or bk (book-keeping: "
+                            "one backward, trainers/book_keeping.py); auto: fastest per family")
     noise_multiplicity: int = Field(1, ge=1, description="ldm: timestep/noise draws averaged per sample before clipping")
     reproducible: bool = Field(
         False, description="debugging only: DP noise and Poisson batches from `train.seed` instead of OS entropy; "

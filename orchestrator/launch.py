@@ -26,6 +26,8 @@ def parse_args(argv):
                    help="finish an interrupted launch in the same output folder (finished trials are kept)")
     p.add_argument("--address", help="override `cluster.address` (e.g. auto, ray://host:10001)")
     p.add_argument("--tracking-uri", help="override `tracking.uri` (e.g. http://127.0.0.1:5000)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's and Tune's own output (trial tables, worker logs) on the console too")
     return p.parse_args(argv)
 
 
@@ -54,23 +56,42 @@ def load_and_check(args):
     return cfg, plans
 
 
-def start_ray(cfg):
+def quiet_console(verbose: bool) -> None:
+    """Ray, Tune and MLflow log at INFO to the console; a healthy launch shows only its own
+    lines (orchestrator/progress.py). Warnings and errors still come through."""
+    import logging
+
+    if verbose:
+        return
+    for name in ("ray", "ray.tune", "ray.train", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # the dashboard line below says where the token is; Ray's own notice is three lines more
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Tune's legacy reporter at verbosity 0 prints nothing (the new one still prints tables)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def start_ray(cfg, verbose: bool = False):
+    import logging
+
     import ray
 
     c = cfg.cluster
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     # A stage may rank trials by a metric only the final evaluation reports (fidelity/fd).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Worker output (each trial's own lines, Ray Train's messages) goes to Ray's log files
+    # and the dashboard; the console gets the driver's progress lines only.
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if c.address:
-        ray.init(address=c.address, log_to_driver=True)
+        ray.init(address=c.address, **quiet)
         print(f"joined Ray cluster at {c.address}", flush=True)
     else:
         cores = os.cpu_count() or 1
         # Declare a little more than the cores so the trial drivers (a sliver of CPU each)
         # never block Train workers from taking every real core.
         num_cpus = c.num_cpus or cores
-        ctx = ray.init(num_cpus=num_cpus + 1, include_dashboard=True, dashboard_host=c.dashboard_host,
-                       log_to_driver=True)
+        ctx = ray.init(num_cpus=num_cpus + 1, include_dashboard=True, dashboard_host=c.dashboard_host, **quiet)
         url = getattr(ctx, "dashboard_url", None)
         if url:
             url = url if url.startswith("http") else f"http://{url}"
@@ -80,7 +101,18 @@ def start_ray(cfg):
         if c.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: the Ray dashboard listens on {c.dashboard_host}, reachable from other machines",
                   flush=True)
+    if not verbose:
+        logs = _session_logs(ray)
+        print(f"worker logs (every trial's own output): {logs or 'Ray session logs'}; "
+              "--verbose shows them here too", flush=True)
     return ray
+
+
+def _session_logs(ray) -> str:
+    try:
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except Exception:  # noqa: BLE001 - only a hint; joined clusters keep logs on their nodes
+        return ""
 
 
 def _alive_nodes(ray) -> list[dict]:
@@ -164,7 +196,8 @@ def main(argv=None) -> int:
     try:
         from orchestrator.sweep import run_sweep
 
-        ray = start_ray(cfg)
+        quiet_console(args.verbose)
+        ray = start_ray(cfg, args.verbose)
         use_gpu, concurrent = cluster_plan(cfg, ray)
         return run_sweep(cfg, plans, args, use_gpu=use_gpu, max_concurrent=concurrent)
     except UserError as exc:

@@ -23,6 +23,7 @@ from orchestrator.config import RandomCount, SweepConfig, stage_order
 from orchestrator.ledger import draw_num_samples, write_ledger_json
 from orchestrator.launch import STATE_FILE
 from orchestrator.preflight import StagePlan
+from orchestrator.progress import ConsoleProgress
 from orchestrator.tracking import (ROLE, TRIAL_KEY, MlflowTrialLogger, client_for, default_uri, ensure_experiment,
                                    redact, with_patience)
 from orchestrator.trial import DRIVER_CPUS, run_trial
@@ -76,7 +77,7 @@ def public_scale_data(plans: dict[str, StagePlan], stage) -> dict | None:
 
 
 def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: dict, name: str,
-              resume: bool, max_concurrent: int, upstream: dict, num_samples: int) -> list[dict]:
+              resume: bool, max_concurrent: int, upstream: dict, num_samples: int, verbose: bool = False) -> list[dict]:
     stage = plan.stage
     out = cfg.output_dir
     stage_dict = stage.model_dump(exclude=STAGE_KEYS_NOT_TRAINED)
@@ -94,8 +95,11 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
     if plan.data.private and not stage.dp.enabled:
         print(f"[{stage.name}] note: trains on private data without DP; its weights are not private "
               "(tagged orchestrator.private_data=true, orchestrator.dp=false)", flush=True)
+    searched = list(stage.search.parameters)
+    repeats = stage.search.method == "grid" and num_samples > 1
     logger = MlflowTrialLogger(stage=stage.name, model=stage.model.kind, dp=stage.dp.enabled,
-                               extra_tags=tags, extra_params=extra, **logger_args)
+                               extra_tags=tags, extra_params=extra, searched=searched, repeats=repeats, **logger_args)
+    progress = ConsoleProgress(stage.name, stage.train.epochs, searched, repeats, ranking_metric(stage))
     trainable = tune.with_resources(tune.with_parameters(run_trial, meta=meta), {"cpu": DRIVER_CPUS})
     path = out / "ray_results" / name
     if resume and tune.Tuner.can_restore(str(path)):
@@ -108,8 +112,8 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
                                         num_samples=num_samples,
                                         search_alg=build_search_alg(stage.search, stage.train.seed),
                                         max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=str(out / "ray_results"), callbacks=[logger],
-                                      verbose=1),
+            run_config=tune.RunConfig(name=name, storage_path=str(out / "ray_results"), callbacks=[logger, progress],
+                                      verbose=1 if verbose else 0),
         )
     grid = _fit_noting_interrupts(tuner)
     return _trial_rows(grid, ranking_metric(stage))
@@ -151,6 +155,22 @@ def trial_count(stage, state: dict, out: Path, client, parent: str) -> int:
           + (" (nothing is trained or released; the repeat-and-select bound allows a zero draw)" if k == 0 else ""),
           flush=True)
     return k
+
+
+def stage_plan_line(stage, plan: StagePlan) -> str:
+    """`ae_dp (4 trials: dp.noise_multiplier x model.latent_channels, DP, private data)`."""
+    spec = stage.search.num_samples
+    if isinstance(spec, RandomCount):
+        count = f"~{spec.mean:g} trials (random count)"
+    else:
+        n = int(spec)
+        if stage.search.method == "grid":
+            n *= math.prod(len(p.values) if p.values is not None else 1 for p in stage.search.parameters.values())
+        count = f"{n} trial{'s' if n != 1 else ''}"
+    over = " x ".join(stage.search.parameters)
+    kind = "DP" if stage.dp.enabled else "non-DP"
+    data = "private data" if plan.data.private else "public data"
+    return f"{stage.name} ({count}{': ' + over if over else ''}; {stage.model.kind}, {kind}, {data})"
 
 
 def _finite(x) -> bool:
@@ -353,6 +373,7 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
     selected: dict[str, list[dict]] = {}
     failed = False
     books = None
+    print("plan: " + " -> ".join(stage_plan_line(s, plans[s.name]) for s in stage_order(cfg.stages)), flush=True)
     for stage in stage_order(cfg.stages):
         deps = [d for d in (stage.needs, stage.init_from) if d]
         missing = [d for d in deps if not selected.get(d)]
@@ -376,7 +397,7 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
             upstream = {"needs": up["checkpoint"] if up else None, "init_from": init["checkpoint"] if init else None,
                         "scale_data": public_scale_data(plans, stage)}
             got = run_stage(cfg, plans[stage.name], meta_base, logger_args, name, args.resume,
-                            max_concurrent, upstream, count) if count else []
+                            max_concurrent, upstream, count, getattr(args, "verbose", False)) if count else []
             for r in got:
                 r.update(stage=stage.name, key=f"{parent}/{stage.name}/{r['trial_id']}",
                          data=plans[stage.name].data.root, private=plans[stage.name].data.private,
@@ -397,7 +418,7 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
     _save_state(out, state)
     if books is None and results:   # every stage had finished before this (resumed) launch
         books = update_books(cfg, plans, results, state, client, exp_id, parent, out)
-    closing_report(out)
     with_patience(client.set_terminated, parent, status="FAILED" if failed else "FINISHED")
     print_summary(cfg, results, uri, out, books)
+    closing_report(out)
     return 1 if failed else 0

@@ -23,6 +23,7 @@ from typing import Any, Optional
 from ray import tune
 
 from orchestrator.config import flatten
+from orchestrator.progress import trial_label
 
 ROLE, STAGE, MODEL, DP = "orchestrator.role", "orchestrator.stage", "orchestrator.model", "orchestrator.dp"
 DP_RELEASE = "orchestrator.dp_release"
@@ -43,16 +44,23 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces); with it, the UI
+# opens on the training runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def ensure_experiment(client, name: str, artifact_root: Optional[Path]) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND[0]) is None:
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     # With the SQLite default, keep artifacts under `output` too, not in ./mlruns of
     # whatever directory the user happened to launch from.
     location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
 def _param_value(v: Any) -> str:
@@ -88,8 +96,10 @@ class MlflowTrialLogger(tune.Callback):
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, stage: str, model: str,
-                 dp: bool, extra_tags: Optional[dict] = None, extra_params: Optional[dict] = None):
+                 dp: bool, extra_tags: Optional[dict] = None, extra_params: Optional[dict] = None,
+                 searched: Optional[list] = None, repeats: bool = False):
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.searched, self.repeats = list(searched or []), repeats
         self.stage, self.model, self.dp = stage, model, dp
         self.extra_tags = dict(extra_tags or {})
         self.extra_params = dict(extra_params or {})
@@ -221,8 +231,9 @@ class MlflowTrialLogger(tune.Callback):
                     "orchestrator.trial_id": info["trial_id"], **self.extra_tags}
             if dp:   # a DP trial whose noise and batches derive from the logged seed is no DP release
                 tags[DP_RELEASE] = str(not stage_cfg.get("dp", {}).get("reproducible", False)).lower()
-            run = self.client.create_run(self.experiment_id, tags=tags,
-                                         run_name=f"{self.stage}-{info['trial_id']}")
+            name = trial_label(self.stage, stage_cfg, getattr(self, "searched", []), info["trial_id"],
+                               getattr(self, "repeats", False))
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
             run_id = run.info.run_id
             params = {k: _param_value(v) for k, v in flatten(stage_cfg).items()}
             params.update({k: _param_value(v) for k, v in self.extra_params.items()})

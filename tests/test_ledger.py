@@ -69,6 +69,7 @@ def test_gdp_composes_every_entry():
                        for s, q, n in TWO_STAGE))
     both = compose_epsilon(mechs(TWO_STAGE), DELTA, "gdp")
     assert both == pytest.approx(gdp.eps_from_mu(mu=mu, delta=DELTA), rel=1e-9)
+    assert both == pytest.approx(independent_composition(TWO_STAGE, DELTA, "gdp"), rel=1e-6)   # CLT by hand
     assert both > max(compose_epsilon(mechs([s]), DELTA, "gdp") for s in TWO_STAGE)
 
 
