@@ -84,6 +84,20 @@ def independent_epsilon(sigma: float, q: float, steps: int, delta: float, accoun
     return independent_composition([(sigma, q, steps)], delta, accountant, pld_interval=pld_interval)
 
 
+# --- a tiny DP-compatible network -------------------------------------------------------------
+
+
+def tiny_model(seed: int = 0):
+    """Conv3d + GroupNorm + Linear on 1 x 3 x 4 x 4 inputs, one output: every layer kind the
+    DP steppers must handle, in a few hundred parameters. The same seed gives the same weights."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(),
+                         nn.Flatten(), nn.Linear(4 * 3 * 4 * 4, 1))
+
+
 # --- ports --------------------------------------------------------------------------------
 
 

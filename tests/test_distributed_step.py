@@ -15,18 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.helpers import free_port
+from tests.helpers import free_port, tiny_model   # same seed: identical weights on every rank
 
 SIGMA, C, N_TRAIN, BATCH, PBS = 1.3, 0.5, 24, 2, 2     # q = 1/12: local batches are often empty
 NOISE_STEPS, EPOCHS = 24, 2
 TIMEOUT_S = 120
-
-
-def tiny_model():
-    torch.manual_seed(0)    # identical initial weights on every rank, as the loop broadcasts them
-    from torch import nn
-    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(),
-                         nn.Flatten(), nn.Linear(4 * 3 * 4 * 4, 1))
 
 
 def flat(model):

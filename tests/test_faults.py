@@ -51,7 +51,8 @@ def test_worker_killed_mid_epoch_trial_completes_and_epsilon_keeps_the_lost_step
                                      train={"epochs": epochs, "batch_size": batch})])
     path = write_sweep(tmp_path, sweep)
     db = tmp_path / "runs/f/mlflow.db"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path)], cwd=tmp_path,
+    # --verbose: the workers' own lines (what the recovery says) reach the console
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launch", str(path), "--verbose"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while _epochs_logged(db) < 1 and time.time() < deadline and proc.poll() is None:
@@ -126,8 +127,8 @@ def test_interrupted_then_killed_launch_resumes_and_keeps_epsilon_continuous(tmp
     proc.communicate(timeout=60)
 
     # 3. --resume again: everything finishes
-    resumed = subprocess.run([sys.executable, "-m", "orchestrator.launch", str(path), "--resume"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([sys.executable, "-m", "orchestrator.launch", str(path), "--resume", "--verbose"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
     parent_run(client, "killed")   # one parent run across the three launches
     runs = trial_runs(client, "killed")

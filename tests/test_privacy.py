@@ -4,16 +4,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from tests.helpers import independent_epsilon
+from tests.helpers import independent_epsilon, tiny_model
 from trainers.privacy import DPStepper, PoissonSampler, ShuffleSampler, solve_noise_multiplier
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(),
-                         nn.Flatten(), nn.Linear(4 * 3 * 4 * 4, 1))
 
 
 def per_sample_loss(net, x, y):

@@ -341,3 +341,9 @@ class VolumeDataset(torch.utils.data.Dataset):
             "label_mask": torch.from_numpy(known),
             "index": i,
         }
+
+
+def collate(dataset, indices, device):
+    """The samples `indices` of `dataset` stacked into one batch on `device`."""
+    items = [dataset[int(i)] for i in indices]
+    return {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "labels", "label_mask")}

@@ -3,19 +3,22 @@
 Every model family goes through this loop; a family differs only in its adapter
 (`models/`). DP or not differs only in the stepper (`trainers/privacy.py`).
 
-    for each epoch:
-        for each sampling event (a Poisson batch in DP mode, a shuffled batch otherwise):
-            split the local batch into physical micro-batches
+    setup -> restore -> keep_noise_ledger, then for each epoch:
+        train_epoch: for each sampling event (a Poisson batch in DP mode, a shuffled
+            batch otherwise), split the local batch into physical micro-batches;
             per-sample loss -> backward -> (clip + accumulate) ... -> (noise) -> step
-        validation loss on the validation split (all ranks)
-        ray.train.report(metrics, checkpoint with model, optimizer and accountant state)
+        validate: validation loss (all ranks), epsilon so far, the selection metric
+        report: ray.train.report(metrics, checkpoint with model, optimizer, noise history);
+            after the last epoch `finish` evaluates and draws the sample grid first
 """
 from __future__ import annotations
 
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,34 +29,12 @@ import ray.train.torch
 
 from models import GENERATOR_FAMILIES, build_adapter
 from orchestrator.config import DataConfig, StageConfig
-from trainers.checkpoints import CHECKPOINT_FILE, adapter_from_record, compression_record, load_state
-from trainers.data import VolumeDataset, validate_dataset
+from trainers.checkpoints import CHECKPOINT_FILE, WeightEMA, adapter_from_record, compression_record, load_state
+from trainers.data import VolumeDataset, collate, validate_dataset
 from trainers.generators import freeze_all_but_attention, resolve_latent_scale, write_sample_grid
 from trainers.trial_eval import evaluate_trial
-from trainers.privacy import (PoissonSampler, make_dp_stepper, noisy_selection_mean, plan_privacy, ShuffleSampler,
-                              Stepper)
-
-
-class WeightEMA:
-    """Exponential moving average of the weights (buffers copied), for sampling."""
-
-    def __init__(self, net: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, net: torch.nn.Module) -> None:
-        for k, v in net.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict:
-        return self.shadow
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shadow = {k: v.clone() for k, v in state.items()}
+from trainers.privacy import PoissonSampler, PrivacyFacts, make_dp_stepper, plan_privacy, ShuffleSampler, Stepper
+from trainers.validation import all_sum, mean_losses, selection_metrics
 
 
 REPLAY_KEY = "replay_history"
@@ -64,92 +45,73 @@ def _loggable(metrics: dict) -> dict:
             if k == "epoch" or (isinstance(v, (int, float)) and not isinstance(v, bool) and "/" in k)}
 
 
-def _collate(dataset, indices, device):
-    items = [dataset[int(i)] for i in indices]
-    return {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "labels", "label_mask")}
+@dataclass
+class Trial:
+    """What one worker holds for one trial; built by `setup`, advanced by the phases below."""
+    meta: dict
+    stage: StageConfig
+    data: DataConfig
+    rank: int
+    world: int
+    device: torch.device
+    train_set: VolumeDataset
+    val_set: VolumeDataset
+    test_set: VolumeDataset
+    adapter: object
+    optimizer: torch.optim.Optimizer      # the plain optimizer under the (DP) stepper
+    stepper: Stepper
+    sampler: object
+    facts: Optional[PrivacyFacts]         # sigma, q, planned steps (DP only)
+    ema: Optional[WeightEMA]
+    extra_state: dict = field(default_factory=dict)   # what the released model depends on
+    params: dict = field(default_factory=dict)        # facts known only here, logged as params
+    history: list = field(default_factory=list)       # every epoch's metrics, kept in the checkpoint
+    start_epoch: int = 0
 
+    @property
+    def name(self) -> str:
+        return self.meta["stage"]
 
-def _all_sum(values: list[float], world_size: int) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if world_size > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _evaluate(adapter, net, dataset, indices, device, batch_size, world_size, clip=None, raw=False):
-    """Mean per-sample loss (and components) over this rank's shard, summed over ranks.
-    `clip`: each per-sample value is clipped to [0, clip] first (the DP selection metric);
-    `raw`: return (sums, count) instead of means."""
-    net.eval()
-    sums: dict[str, float] = {}
-    n = 0
-    # The same latent-sampling noise at every evaluation, so val/loss curves are comparable;
-    # fork_rng leaves the training RNG stream untouched.
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        for start in range(0, len(indices), batch_size):
-            batch = _collate(dataset, indices[start:start + batch_size], device)
-            loss, parts = adapter.per_sample_loss(net, batch)
-            for k, v in {"loss": loss, **parts}.items():
-                v = v.detach().double()
-                sums[k] = sums.get(k, 0.0) + float((v if clip is None else v.clamp(0.0, clip)).sum())
-            n += len(loss)
-    net.train()
-    keys = ["loss", *adapter.components]  # fixed order: every rank all-reduces the same list
-    totals = _all_sum([sums.get(k, 0.0) for k in keys] + [n], world_size)
-    if raw:
-        return dict(zip(keys, totals[:-1])), totals[-1]
-    count = max(totals[-1], 1.0)
-    return {k: v / count for k, v in zip(keys, totals[:-1])}
-
-
-def _selection_metrics(select: dict, adapter, net, stage, val_set, val_idx, device, pbs, rank, world) -> dict:
-    """The metric that ranks this trial when `search.select_on` is not `private`, as
-    `select/<metric>` (computed once, after the last epoch, from the final weights).
-
-    public: the metric on a public dataset's validation split (val/...) or test split.
-    dp: a Gaussian mechanism on the clipped per-sample validation losses (privacy.py)."""
-    metric = select["metric"]
-    if select["on"] == "dp":
-        sums, count = _evaluate(adapter, net, val_set, val_idx, device, pbs, world, clip=select["clip"], raw=True)
-        if rank != 0:
-            return {}
-        key = metric.removeprefix("val/")
-        value = noisy_selection_mean(sums[key], count, clip=select["clip"], noise_multiplier=select["noise_multiplier"])
-        return {f"select/{metric}": value, "select.noise_multiplier": select["noise_multiplier"],
-                "select.clip": select["clip"], "select.n": count}
-    data = DataConfig.model_validate(select["data"])
-    index = validate_dataset(data.root, data.labels, tuple(data.shape), allow_pickle=data.allow_pickle,
-                             cache_dir=select.get("cache_dir"))
-    if metric.startswith("val/"):
-        public_val = VolumeDataset(index.splits["validation"], len(data.labels), allow_pickle=data.allow_pickle)
-        val = _evaluate(adapter, net, public_val, np.arange(rank, len(public_val), world), device, pbs, world)
-        return {f"select/val/{k}": v for k, v in val.items()} if rank == 0 else {}
-    if rank != 0:
-        return {}
-    public_test = VolumeDataset(index.splits["testing"], len(data.labels), allow_pickle=data.allow_pickle,
-                                preload=False)
-    return {f"select/{k}": v for k, v in evaluate_trial(adapter, stage, data, public_test, device, pbs).items()
-            if k.startswith(("fidelity/", "control/"))}
+    def say(self, text: str) -> None:
+        """A line in this worker's log (Ray's log files; the console with --verbose)."""
+        if self.rank == 0:
+            print(f"[{self.name}] {text}", flush=True)
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train entry point. `config` = {"stage": stage dict, "meta": {...}} (see trial.py)."""
+    """Ray Train entry point. `config` = {"stage": stage dict, "meta": {...}} (see trial.py).
+
+    The phases, top to bottom: build the trial (data, upstream models, network, DP or not),
+    restore it from a checkpoint, keep the noise ledger, then per epoch: train, validate,
+    report (with a checkpoint; after the last epoch also the evaluation and sample grid)."""
+    trial = setup(config)
+    restore(trial)
+    keep_noise_ledger(trial)
+    for epoch in range(trial.start_epoch, trial.stage.train.epochs):
+        t0 = time.perf_counter()
+        metrics = train_epoch(trial, epoch)
+        metrics.update(validate(trial, epoch))
+        elapsed = time.perf_counter() - t0
+        metrics.update({"time/epoch_s": elapsed, "perf/samples_per_s": metrics.pop("seen") / max(elapsed, 1e-9)})
+        report(trial, epoch, metrics)
+
+
+def setup(config: dict) -> Trial:
+    """Data, the upstream models a generator depends on, the network, and the stepper:
+    DP-SGD (Poisson batches, clipping, noise, accounting) or plain SGD."""
     meta = config["meta"]
     stage = StageConfig.model_validate({**config["stage"], "name": meta["stage"]})
-    data_cfg = DataConfig.model_validate(meta["data"])
+    data = DataConfig.model_validate(meta["data"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    threads = max(1, int(meta.get("cpus_per_worker", 1)))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, int(meta.get("cpus_per_worker", 1))))
 
-    index = validate_dataset(data_cfg.root, data_cfg.labels, tuple(data_cfg.shape),
-                             allow_pickle=data_cfg.allow_pickle, cache_dir=meta.get("cache_dir"))
-    train_set = VolumeDataset(index.splits["training"], len(data_cfg.labels), allow_pickle=data_cfg.allow_pickle)
-    val_set = VolumeDataset(index.splits["validation"], len(data_cfg.labels), allow_pickle=data_cfg.allow_pickle)
-    test_set = VolumeDataset(index.splits["testing"], len(data_cfg.labels), allow_pickle=data_cfg.allow_pickle,
-                             preload=False)
+    index = validate_dataset(data.root, data.labels, tuple(data.shape), allow_pickle=data.allow_pickle,
+                             cache_dir=meta.get("cache_dir"))
+    split = lambda name, **kw: VolumeDataset(index.splits[name], len(data.labels),  # noqa: E731
+                                             allow_pickle=data.allow_pickle, **kw)
+    train_set, val_set, test_set = split("training"), split("validation"), split("testing", preload=False)
     n_train = len(train_set)
 
     # A latent diffusion stage trains on the frozen compression model its `needs` stage
@@ -167,20 +129,19 @@ def train_worker(config: dict) -> None:
         params.update({"latent.scale_factor": scale, "latent.scale_source": source})
 
     torch.manual_seed(stage.train.seed)  # identical initial weights on every rank
-    adapter = build_adapter(stage.model, tuple(data_cfg.shape), len(data_cfg.labels),
-                            compression=compression, scale_factor=scale)
+    adapter = build_adapter(stage.model, tuple(data.shape), len(data.labels), compression=compression,
+                            scale_factor=scale)
     model = adapter.network.to(device)
     if init_state is not None and not resuming:
         model.load_state_dict(init_state["model"])
         params["upstream.init_from_checkpoint"] = meta["init_from"]
     if stage.train.finetune == "attention":
-        trainable = freeze_all_but_attention(model)
-        params["train.trainable_parameters"] = trainable
+        params["train.trainable_parameters"] = freeze_all_but_attention(model)
     if world > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
-    base_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=stage.train.lr,
-                                weight_decay=stage.train.weight_decay)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=stage.train.lr,
+                                 weight_decay=stage.train.weight_decay)
 
     facts = None
     if stage.dp.enabled:
@@ -188,131 +149,157 @@ def train_worker(config: dict) -> None:
         # DP noise and Poisson batches come from OS entropy; only dp.reproducible (not a DP
         # release) derives them from the logged train.seed.
         secret = None if not stage.dp.reproducible else stage.train.seed
-        stepper = make_dp_stepper(stage.dp.grad_sample_mode, stage.model.kind, model, base_opt, world,
+        stepper = make_dp_stepper(stage.dp.grad_sample_mode, stage.model.kind, model, optimizer, world,
                                   noise_multiplier=facts.noise_multiplier, max_grad_norm=facts.max_grad_norm,
                                   sample_rate=facts.sample_rate, n_train=n_train, accountant=facts.accountant,
                                   noise_seed=secret)
         sampler = PoissonSampler(n_train, stage.train.batch_size, rank, world, secret)
     else:
-        stepper = Stepper(model, base_opt, world)
+        stepper = Stepper(model, optimizer, world)
         sampler = ShuffleSampler(n_train, stage.train.batch_size, rank, world, stage.train.seed)
-
     if hasattr(adapter, "noise_multiplicity"):
         adapter.noise_multiplicity = stage.dp.noise_multiplicity if stage.dp.enabled else 1
     # EMA of the weights is post-processing of DP-SGD's outputs: free in privacy terms.
     ema = WeightEMA(stepper.network, stage.train.ema_decay) if stage.train.ema_decay else None
+    return Trial(meta=meta, stage=stage, data=data, rank=rank, world=world, device=device, train_set=train_set,
+                 val_set=val_set, test_set=test_set, adapter=adapter, optimizer=optimizer, stepper=stepper,
+                 sampler=sampler, facts=facts, ema=ema, extra_state=extra_state, params=params)
 
-    start_epoch = 0
-    history: list[dict] = []   # every epoch's metrics, kept in the checkpoint
+
+def restore(trial: Trial) -> None:
+    """A restarted or resumed trial continues from its last checkpoint: weights, optimizer,
+    noise history (its epsilon never resets), EMA and the metric history."""
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        stepper.network.load_state_dict(state["model"])
-        base_opt.load_state_dict(state["optimizer"])
-        stepper.load_state_dict(state["accountant"])
-        if hasattr(adapter, "load_aux_state"):
-            adapter.load_aux_state(state.get("aux", {}))
-        if ema is not None and state.get("ema_model"):
-            ema.load_state_dict(state["ema_model"])
-        start_epoch = int(state["epoch"])
-        history = list(state.get("history") or [])
-        if rank == 0:
-            print(f"[{meta['stage']}] resumed from epoch {start_epoch}"
-                  + (f", {stepper.steps} DP steps already accounted" if stepper.dp else ""), flush=True)
-        if history:
-            # The launch may have died after this checkpoint was saved but before its metrics
-            # reached MLflow: the tracker logs whatever epochs of this history it lacks.
-            ray.train.report({**history[-1], **(facts.as_result() if facts else {}), REPLAY_KEY: history},
-                             checkpoint=None)
+    if ckpt is None:
+        return
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=trial.device, weights_only=True)
+    trial.stepper.network.load_state_dict(state["model"])
+    trial.optimizer.load_state_dict(state["optimizer"])
+    trial.stepper.load_state_dict(state["accountant"])
+    if hasattr(trial.adapter, "load_aux_state"):
+        trial.adapter.load_aux_state(state.get("aux", {}))
+    if trial.ema is not None and state.get("ema_model"):
+        trial.ema.load_state_dict(state["ema_model"])
+    trial.start_epoch = int(state["epoch"])
+    trial.history = list(state.get("history") or [])
+    trial.say(f"resumed from epoch {trial.start_epoch}"
+              + (f", {trial.stepper.steps} DP steps already accounted" if trial.stepper.dp else ""))
+    if trial.history:
+        # The launch may have died after this checkpoint was saved but before its metrics
+        # reached MLflow: the tracker logs whatever epochs of this history it lacks.
+        facts = trial.facts.as_result() if trial.facts else {}
+        ray.train.report({**trial.history[-1], **facts, REPLAY_KEY: trial.history}, checkpoint=None)
 
+
+def keep_noise_ledger(trial: Trial) -> None:
+    """Noise added after the last checkpoint by a worker group that then died is still
+    counted (see DPStepper.attach_ledger); the ledger lives beside the run's checkpoints."""
+    if not trial.stepper.dp:
+        return
+    ledger = Path(trial.meta["storage_path"]) / ray.train.get_context().get_experiment_name() / "noise_ledger.txt"
+    recovered = trial.stepper.count_ledger(ledger)
+    if recovered:
+        trial.say(f"{recovered} noise additions after the last checkpoint were lost with the failed workers; "
+                  "they stay in the privacy account")
+    if trial.rank == 0:
+        trial.stepper.attach_ledger(ledger)
+
+
+def train_epoch(trial: Trial, epoch: int) -> dict:
+    """One pass: every sampling event is a step, split into physical micro-batches."""
+    stepper, adapter, pbs = trial.stepper, trial.adapter, trial.stage.train.physical_batch_size
+    max_steps = trial.stage.train.max_steps_per_epoch
     if stepper.dp:
-        # Noise added after the last checkpoint by a worker group that then died is still
-        # counted (see DPStepper.attach_ledger); the ledger lives beside the run's checkpoints.
-        ledger = Path(meta["storage_path"]) / ctx.get_experiment_name() / "noise_ledger.txt"
-        recovered = stepper.count_ledger(ledger)
-        if recovered and rank == 0:
-            print(f"[{meta['stage']}] {recovered} noise additions after the last checkpoint were lost with "
-                  f"the failed workers; they stay in the privacy account", flush=True)
-        if rank == 0:
-            stepper.attach_ledger(ledger)
+        stepper.seed_noise(epoch, trial.rank)   # dp.reproducible only
+    sums: dict[str, float] = {}
+    seen = 0
+    for step, local in enumerate(trial.sampler.epoch(epoch)):
+        if max_steps and step >= max_steps:
+            break
+        chunks = [local[i:i + pbs] for i in range(0, len(local), pbs)] or [local]
+        for j, chunk in enumerate(chunks):
+            if len(chunk) == 0:
+                stepper.empty_microbatch()
+            else:
+                batch = collate(trial.train_set, chunk, trial.device)
+                loss, parts = adapter.per_sample_loss(stepper.module, batch)
+                stepper.backward(loss, getattr(adapter, "rows_per_sample", 1))
+                for k, v in {"loss": loss, **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
+                seen += len(chunk)
+            stepper.microbatch_done(last=j == len(chunks) - 1)
+        if hasattr(adapter, "after_step"):
+            adapter.after_step(trial.world)
+        if trial.ema is not None:
+            trial.ema.update(stepper.network)
+    keys = ["loss", *adapter.components]
+    totals = all_sum([sums.get(k, 0.0) for k in keys] + [seen], trial.world)
+    return {"epoch": epoch + 1, **{f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(keys, totals[:-1])},
+            "seen": totals[-1]}
 
-    max_steps = stage.train.max_steps_per_epoch
-    pbs = stage.train.physical_batch_size
-    val_idx = np.arange(rank, len(val_set), world)
-    for epoch in range(start_epoch, stage.train.epochs):
-        t0 = time.perf_counter()
-        if stepper.dp:
-            stepper.seed_noise(epoch, rank)
-        sums: dict[str, float] = {}
-        seen = 0
-        for step, local in enumerate(sampler.epoch(epoch)):
-            if max_steps and step >= max_steps:
-                break
-            chunks = [local[i:i + pbs] for i in range(0, len(local), pbs)] or [local]
-            for j, chunk in enumerate(chunks):
-                if len(chunk) == 0:
-                    stepper.empty_microbatch()
-                else:
-                    batch = _collate(train_set, chunk, device)
-                    loss, parts = adapter.per_sample_loss(stepper.module, batch)
-                    stepper.backward(loss, getattr(adapter, "rows_per_sample", 1))
-                    for k, v in {"loss": loss, **parts}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
-                    seen += len(chunk)
-                stepper.microbatch_done(last=j == len(chunks) - 1)
-            if hasattr(adapter, "after_step"):
-                adapter.after_step(world)
-            if ema is not None:
-                ema.update(stepper.network)
-        keys = ["loss", *adapter.components]
-        totals = _all_sum([sums.get(k, 0.0) for k in keys] + [seen], world)
-        train_metrics = {f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(keys, totals[:-1])}
-        val = _evaluate(adapter, stepper.network, val_set, val_idx, device, pbs, world)
-        elapsed = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, **train_metrics, **{f"val/{k}": v for k, v in val.items()},
-                   "time/epoch_s": elapsed, "perf/samples_per_s": totals[-1] / max(elapsed, 1e-9)}
-        metrics.update({f"param.{k}": v for k, v in params.items()})
-        if facts is not None:
-            metrics.update({"privacy/epsilon": stepper.epsilon(facts.delta), "privacy/steps": stepper.steps,
-                            **facts.as_result()})
-        if meta.get("select") and epoch + 1 == stage.train.epochs:
-            metrics.update(_selection_metrics(meta["select"], adapter, stepper.network, stage, val_set, val_idx,
-                                              device, pbs, rank, world))
-        if rank == 0:
-            eps = f" eps={metrics['privacy/epsilon']:.3f} steps={metrics['privacy/steps']}" if facts else ""
-            print(f"[{meta['stage']}] epoch {epoch + 1}/{stage.train.epochs} "
-                  f"train/loss={metrics['train/loss']:.5f} val/loss={metrics['val/loss']:.5f}{eps} "
-                  f"({elapsed:.1f}s)", flush=True)
-            history.append(_loggable(metrics))
-            last = epoch + 1 == stage.train.epochs
-            weights = stepper.network.state_dict()
-            if last:   # the EMA weights are loaded below for evaluation; keep the trained ones
-                weights = {k: v.detach().clone() for k, v in weights.items()}
-            state = {"model": weights, "optimizer": base_opt.state_dict(),
-                     "accountant": stepper.state_dict(), "epoch": epoch + 1,
-                     "family": stage.model.kind, "model_config": stage.model.model_dump(),
-                     "shape": list(data_cfg.shape), "labels": list(data_cfg.labels),
-                     "metrics": history[-1], "history": history,
-                     "aux": adapter.aux_state() if hasattr(adapter, "aux_state") else {},
-                     "ema_model": ema.state_dict() if ema is not None else None, **extra_state}
-            with tempfile.TemporaryDirectory() as tmp:
-                if last:
-                    if ema is not None:  # the last epoch: what sampling will use from now on
-                        stepper.network.load_state_dict(ema.state_dict())
-                    stepper.network.eval()
-                    if stage.eval.enabled and len(test_set):
-                        metrics.update(evaluate_trial(adapter, stage, data_cfg, test_set, device, pbs))
-                        # the evaluation goes into the checkpoint too, so a replay (above) has it
-                        history[-1] = state["metrics"] = _loggable(metrics)
-                        print(f"[{meta['stage']}] evaluation on {int(metrics['eval/n_samples'])} test volumes: "
-                              + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                         if k.startswith(("fidelity/", "control/r_mean", "control/ed_es")))
-                              + f" ({metrics['time/eval_s']:.1f}s)", flush=True)
-                    if hasattr(adapter, "sample") and stage.train.sample_grid:
-                        write_sample_grid(adapter, test_set, stage.train.sample_grid, os.path.join(tmp, "samples.png"),
-                                          show_real=not data_cfg.private)
-                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+
+def validate(trial: Trial, epoch: int) -> dict:
+    """Validation loss (all ranks), the privacy spent so far, and after the last epoch the
+    selection metric when trials are not ranked on the private validation split."""
+    val_idx = np.arange(trial.rank, len(trial.val_set), trial.world)
+    pbs = trial.stage.train.physical_batch_size
+    val = mean_losses(trial.adapter, trial.stepper.network, trial.val_set, val_idx, trial.device, pbs, trial.world)
+    metrics = {f"val/{k}": v for k, v in val.items()}
+    metrics.update({f"param.{k}": v for k, v in trial.params.items()})
+    if trial.facts is not None:
+        metrics.update({"privacy/epsilon": trial.stepper.epsilon(trial.facts.delta),
+                        "privacy/steps": trial.stepper.steps, **trial.facts.as_result()})
+    if trial.meta.get("select") and epoch + 1 == trial.stage.train.epochs:
+        metrics.update(selection_metrics(trial.meta["select"], trial.adapter, trial.stepper.network, trial.stage,
+                                          trial.val_set, val_idx, trial.device, pbs, trial.rank, trial.world))
+    return metrics
+
+
+def report(trial: Trial, epoch: int, metrics: dict) -> None:
+    """Every rank reports (Ray Train's report is a barrier); rank 0 with a checkpoint of
+    everything the trial needs to resume and the released model needs to sample."""
+    if trial.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    stage, net = trial.stage, trial.stepper.network
+    eps = f" eps={metrics['privacy/epsilon']:.3f} steps={metrics['privacy/steps']}" if trial.facts else ""
+    trial.say(f"epoch {epoch + 1}/{stage.train.epochs} train/loss={metrics['train/loss']:.5f} "
+              f"val/loss={metrics['val/loss']:.5f}{eps} ({metrics['time/epoch_s']:.1f}s)")
+    trial.history.append(_loggable(metrics))
+    last = epoch + 1 == stage.train.epochs
+    weights = net.state_dict()
+    if last:   # the EMA weights are loaded below for evaluation; keep the trained ones
+        weights = {k: v.detach().clone() for k, v in weights.items()}
+    state = {"model": weights, "optimizer": trial.optimizer.state_dict(),
+             "accountant": trial.stepper.state_dict(), "epoch": epoch + 1,
+             "family": stage.model.kind, "model_config": stage.model.model_dump(),
+             "shape": list(trial.data.shape), "labels": list(trial.data.labels),
+             "metrics": trial.history[-1], "history": trial.history,
+             "aux": trial.adapter.aux_state() if hasattr(trial.adapter, "aux_state") else {},
+             "ema_model": trial.ema.state_dict() if trial.ema is not None else None, **trial.extra_state}
+    with tempfile.TemporaryDirectory() as tmp:
+        if last:
+            finish(trial, metrics, state, tmp)
+        torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def finish(trial: Trial, metrics: dict, state: dict, folder: str) -> None:
+    """After the last epoch (rank 0): switch to the weights sampling will use (EMA), evaluate
+    on the test split, and draw the sample grid."""
+    stage, net, pbs = trial.stage, trial.stepper.network, trial.stage.train.physical_batch_size
+    if trial.ema is not None:
+        net.load_state_dict(trial.ema.state_dict())
+    net.eval()
+    if stage.eval.enabled and len(trial.test_set):
+        metrics.update(evaluate_trial(trial.adapter, stage, trial.data, trial.test_set, trial.device, pbs))
+        # the evaluation goes into the checkpoint too, so a replay (restore) has it
+        trial.history[-1] = state["metrics"] = _loggable(metrics)
+        trial.say(f"evaluation on {int(metrics['eval/n_samples'])} test volumes: "
+                  + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                             if k.startswith(("fidelity/", "control/r_mean", "control/ed_es")))
+                  + f" ({metrics['time/eval_s']:.1f}s)")
+    if hasattr(trial.adapter, "sample") and stage.train.sample_grid:
+        write_sample_grid(trial.adapter, trial.test_set, stage.train.sample_grid, os.path.join(folder, "samples.png"),
+                          show_real=not trial.data.private)
