@@ -96,7 +96,7 @@ def main(argv=None) -> list[dict]:
 
     import ray
 
-    from orchestrator.phantoms import synthesize
+    from trainers.phantoms import synthesize
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="dp-scaling-") as d:

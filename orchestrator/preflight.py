@@ -28,7 +28,7 @@ def _materialise(cfg: SweepConfig, stage: StageConfig, cache_dir: Path,
     root = cfg.resolve(data.root)
     data = data.model_copy(update={"root": str(root)})
     if data.synthesize is not None and not (root / "training.npy").exists():
-        from orchestrator.phantoms import synthesize
+        from trainers.phantoms import synthesize
 
         if root.is_dir() and any(root.iterdir()):
             raise DataError(f"data.root {root} has no training.npy but is not empty; data.synthesize writes a "

@@ -250,7 +250,7 @@ def phantom_data(root: Path, n: int = 12, shape: Sequence[int] = (5, 16, 16),
                  labels: Sequence[str] = ("LVEDV", "ESED"), private: bool = True, seed: int = 0) -> dict:
     """A phantom dataset at `root` (made once) and its `data` config as the loop's meta has it."""
     from orchestrator.config import DataConfig
-    from orchestrator.phantoms import synthesize
+    from trainers.phantoms import synthesize
 
     if not (Path(root) / "training.npy").exists():
         synthesize(root, n=n, shape=tuple(shape), seed=seed, labels=list(labels))

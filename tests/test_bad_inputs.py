@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 import orchestrator.launch as launch
-from orchestrator.phantoms import synthesize
+from trainers.phantoms import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (13, 16, 16)

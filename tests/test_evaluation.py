@@ -6,7 +6,7 @@ from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 from scipy import ndimage
 from torch import nn
 
-from orchestrator.phantoms import LABELS, synthesize
+from trainers.phantoms import LABELS, synthesize
 from trainers import features
 from trainers.data import read_sample
 from trainers.evaluation import (control_scores, frechet_distance, frechet_distance_from_stats, generation_metrics,

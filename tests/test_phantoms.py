@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator import phantoms as P
+from orchestrator import phantoms as CLI
+from trainers import phantoms as P
 
 SHAPE = (13, 48, 48)
 
@@ -153,21 +154,21 @@ def test_refuses_too_small_n_and_bad_variant(tmp_path):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert P.main([str(out), "--n", "4", "--shape", "8", "24", "24", "--seed", "2", "--variant", "public"]) == 0
+    assert CLI.main([str(out), "--n", "4", "--shape", "8", "24", "24", "--seed", "2", "--variant", "public"]) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and "4" in line and str(out) in line
     assert np.load(out / "training.npy").shape == (2,)
 
-    assert P.main([str(out), "--n", "4", "--shape", "8", "24", "24"]) == 2   # exists, no --overwrite
+    assert CLI.main([str(out), "--n", "4", "--shape", "8", "24", "24"]) == 2   # exists, no --overwrite
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "--overwrite" in err
 
-    assert P.main([str(out), "--n", "3", "--shape", "8", "24", "24", "--overwrite"]) == 0
+    assert CLI.main([str(out), "--n", "3", "--shape", "8", "24", "24", "--overwrite"]) == 0
     capsys.readouterr()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["000000.npz", "000001.npz", "000002.npz"]
 
     for argv in ([str(out), "--n", "abc"], [str(out), "--shape", "8", "24"], [str(tmp_path / "y"), "--n", "1"],
                  [str(tmp_path / "y"), "--variant", "nope"]):
-        assert P.main(argv) == 2
+        assert CLI.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err, err

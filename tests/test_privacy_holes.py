@@ -15,7 +15,7 @@ from orchestrator import accounting
 from orchestrator import ledger as L
 from orchestrator.config import ConfigError, StageConfig, parse_sweep
 from orchestrator.errors import DataError
-from orchestrator.phantoms import synthesize
+from trainers.phantoms import synthesize
 from tests.helpers import independent_composition, stage, sweep_dict
 from trainers.data import validate_dataset
 from trainers.privacy import DPStepper, PoissonSampler, epsilon_of

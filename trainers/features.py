@@ -20,7 +20,7 @@ features (B, F) as float64 numpy:
   network expects inside the exported module.
 
 Label measurers (``load_label_measurer``) map volumes to ``{label: np.ndarray (B,)}``: the
-phantom measurement (``orchestrator.phantoms.measure_labels``) or a local TorchScript regressor.
+phantom measurement (``trainers.phantoms.measure_labels``) or a local TorchScript regressor.
 Nothing is ever downloaded.
 """
 from __future__ import annotations
@@ -223,7 +223,7 @@ def load_label_measurer(path: str | None, label_names: list[str], outputs: list[
     names its columns, and those also in ``label_names`` are returned.
     """
     if path is None:
-        from orchestrator.phantoms import measure_labels
+        from trainers.phantoms import measure_labels
         labels = [n for n in label_names if n in _MEASURABLE]
         if not labels:
             return None
@@ -255,7 +255,7 @@ def load_label_measurer(path: str | None, label_names: list[str], outputs: list[
 # --------------------------------------------------------------------------- training (once)
 def _phantoms(n: int, shape, seed: int, variant: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (volumes (N, 1, D, H, W), labels (N, 6))} of a fresh phantom set."""
-    from orchestrator.phantoms import synthesize
+    from trainers.phantoms import synthesize
     from trainers.data import read_sample
     with tempfile.TemporaryDirectory() as root:
         synthesize(root, n, shape, seed, variant)
