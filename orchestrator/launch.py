@@ -33,7 +33,7 @@ def parse_args(argv):
 
 def load_and_check(args):
     """Everything that can fail on user input, before Ray starts."""
-    from orchestrator.config import load_sweep
+    from orchestrator.sweep_file import load_sweep
 
     cfg = load_sweep(args.sweep)  # before the torch/Ray imports below: a typo is reported in a second
     from orchestrator.preflight import apply_smoke_test, preflight

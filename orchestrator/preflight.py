@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.config import ConfigError, DataConfig, StageConfig, SweepConfig, search_combinations
-from orchestrator.errors import DataError
+from orchestrator.config import DataConfig, StageConfig, SweepConfig, search_combinations
+from orchestrator.errors import ConfigError, DataError
 from trainers.data import validate_dataset
 
 @dataclass

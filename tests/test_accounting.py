@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator import accounting, ledger
-from orchestrator.config import parse_sweep
+from orchestrator.sweep_file import parse_sweep
 
 
 def test_random_trial_count_is_drawn_once_and_priced_by_repeat_and_select(tmp_path):

@@ -293,7 +293,7 @@ def test_kuberay_cluster_specs_read_by_rays_kuberay_autoscaler():
 
 
 def test_kuberay_sweep_configmap_is_a_valid_sweep(tmp_path):
-    from orchestrator.config import load_sweep
+    from orchestrator.sweep_file import load_sweep
 
     docs = load_docs("kuberay-rayjob.yaml")
     cm = next(d for d in docs if d["kind"] == "ConfigMap")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, load_sweep, parse_sweep, reference_markdown
+from orchestrator.sweep_file import ConfigError, load_sweep, parse_sweep, reference_markdown
 from orchestrator.launch import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from models import build_adapter
-from orchestrator.config import BetaVAEConfig, ConfigError, parse_sweep
+from orchestrator.config import BetaVAEConfig
+from orchestrator.sweep_file import ConfigError, parse_sweep
 from trainers.privacy import DPStepper, Stepper
 
 SHAPE = (5, 12, 14)

@@ -3,7 +3,7 @@
 node lists are given directly (the shapes `ray.nodes()` reports)."""
 import pytest
 
-from orchestrator.config import parse_sweep
+from orchestrator.sweep_file import parse_sweep
 from orchestrator.errors import UserError
 from orchestrator.launch import cluster_plan
 

@@ -53,7 +53,7 @@ def test_public_data_needs_no_delta_check(tmp_path, capsys):
     raw = sweep(tmp_path)
     raw["privacy"]["delta"] = 0.1
     raw["data"]["private"] = False
-    from orchestrator.config import parse_sweep
+    from orchestrator.sweep_file import parse_sweep
     from orchestrator.preflight import preflight
 
     cfg = parse_sweep(raw)

@@ -13,7 +13,8 @@ from torch import nn
 
 from orchestrator import accounting
 from orchestrator import ledger as L
-from orchestrator.config import ConfigError, StageConfig, parse_sweep
+from orchestrator.config import StageConfig
+from orchestrator.sweep_file import ConfigError, parse_sweep
 from orchestrator.errors import DataError
 from trainers.phantoms import synthesize
 from tests.helpers import independent_composition, stage, sweep_dict
