@@ -91,6 +91,9 @@ def start_ray(cfg, verbose: bool = False):
         # Declare a little more than the cores so the trial drivers (a sliver of CPU each)
         # never block Train workers from taking every real core.
         num_cpus = c.num_cpus or cores
+        # Each trial is three processes (Tune driver, Train controller, worker); Ray's raylet
+        # warns once more than 4 x this many start at once, which a healthy sweep does.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(4, 2 * num_cpus)))
         ctx = ray.init(num_cpus=num_cpus + 1, include_dashboard=True, dashboard_host=c.dashboard_host, **quiet)
         url = getattr(ctx, "dashboard_url", None)
         if url:
