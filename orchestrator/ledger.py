@@ -114,10 +114,9 @@ def _active(mechanisms: Iterable[Mechanism]) -> list[Mechanism]:
 def _history(mechanisms: Iterable[Mechanism]) -> list[tuple[float, float, int]]:
     """Opacus history [(sigma, q, steps)], identical (sigma, q) merged (composition is
     commutative, and fewer entries make PRV faster)."""
-    merged: dict[tuple[float, float], int] = {}
-    for m in _active(mechanisms):
-        merged[(m.sigma, m.sample_rate)] = merged.get((m.sigma, m.sample_rate), 0) + m.steps
-    return [(s, q, n) for (s, q), n in merged.items()]
+    from trainers.privacy import merge_history
+
+    return merge_history((m.sigma, m.sample_rate, m.steps) for m in _active(mechanisms))
 
 
 # --------------------------------------------------------------------------------------
