@@ -245,3 +245,32 @@ def test_selection_cost_in_the_books():
     public = StageConfig.model_validate(stage(search={"select_on": "public", "select_data": {"private": False,
                                                                                           "root": "pub"}}))
     assert accounting.stage_selection(public, _Plan(public, 40), rows, 1e-5, "rdp")["epsilon"] == 0.0
+
+
+# --- 2, through the training loop: a fault, the ledger, a resume, for every accountant -----
+@pytest.mark.parametrize("accountant", ["prv", "rdp", "gdp"])
+def test_a_resumed_trial_keeps_checkpointed_recovered_and_new_steps(monkeypatch, tmp_path, accountant):
+    """Epoch 1 is checkpointed; the worker group then adds 3 noise steps and dies mid-write
+    (a torn ledger line); the restarted trial restores the checkpoint, recovers the 4 steps
+    from the ledger and trains epoch 2. Every step stays in epsilon, in every accountant."""
+    from tests.helpers import phantom_data, run_loop
+
+    torch.set_num_threads(1)
+    data = phantom_data(tmp_path / "data", n=12)
+    ae = {k: v for k, v in stage(train={"epochs": 1, "batch_size": 4, "physical_batch_size": 4},
+                                 eval={"enabled": False}).items()}
+    meta = {"accountant": accountant, "delta": 1e-3}
+    first = run_loop(monkeypatch, tmp_path / "a", ae, data, **meta)
+    (metrics, ckpt), = first
+    sigma, q, steps1 = metrics["privacy.noise_multiplier"], metrics["privacy.sample_rate"], metrics["privacy/steps"]
+    ledger = tmp_path / "a" / "storage" / "in-process" / "noise_ledger.txt"
+    assert len(ledger.read_text().splitlines()) == steps1
+    with open(ledger, "a") as f:
+        f.write("".join(f"{sigma} {q} {steps1 + i}\n" for i in (1, 2, 3)) + f"{sigma} 0.")
+    ae["train"]["epochs"] = 2
+    resumed = run_loop(monkeypatch, tmp_path / "a", ae, data, checkpoint=ckpt, **meta)
+    last = resumed[-1][0]
+    assert last["epoch"] == 2
+    assert last["privacy/steps"] == 2 * steps1 + 4
+    assert last["privacy/epsilon"] == pytest.approx(
+        independent_composition([(sigma, q, 2 * steps1 + 4)], 1e-3, accountant), rel=0.03)
