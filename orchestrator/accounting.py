@@ -154,7 +154,7 @@ def stage_selection(stage: StageConfig, plan, rows: list[dict], delta: float, ac
     training split's cost of tuning is `epsilon_naive` / `epsilon_repeat_and_select`."""
     split = "validation" if stage.search.metric.startswith("val/") else "testing"
     out = {"select_on": stage.search.select_on, "metric": stage.search.metric, "split": split}
-    chose = stage.select != "each" and len(rows) > 1
+    chose = len(rows) > 1   # the best of them is what downstream stages and the report take
     if stage.search.select_on == "public":
         out.update(data=plan.select_data.root if plan.select_data else None, epsilon=0.0,
                    note="ranked on public data: nothing private spent")

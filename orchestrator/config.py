@@ -233,6 +233,21 @@ class DPConfig(_Strict):
         return self
 
 
+AUDIT_MIN_CANARIES = 100
+
+
+class AuditConfig(_Strict):
+    """A measured lower bound on epsilon from this run's canaries (one-run audit, trainers/audit.py); never released.
+
+    Steinke, Nasr, Jagielski, "Privacy auditing with one (1) training run", NeurIPS 2023."""
+    canaries: int = Field(..., ge=AUDIT_MIN_CANARIES,
+                          description=f"number of canaries M, each in the run with probability 1/2 (at least "
+                                      f"{AUDIT_MIN_CANARIES}: 100 perfect guesses can show epsilon 2.9 at most)")
+    kind: Literal["gradient", "input"] = Field(
+        "gradient", description="gradient: white-box Dirac gradient canaries scored by their summed noisy update; "
+                                "input: black-box crafted volumes scored by the final loss (not implemented yet)")
+
+
 class ParamSpec(_Strict):
     """One searched parameter: `values`, `value`, or `distribution` with `min`/`max`."""
     values: Optional[list[Any]] = None
@@ -345,9 +360,16 @@ class StageConfig(_Strict):
     dp: DPConfig = Field(default_factory=DPConfig, description="DP-SGD settings")
     search: SearchConfig = Field(default_factory=SearchConfig, description="what Tune varies")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation on the test split")
+    audit: Optional[AuditConfig] = Field(None, description="DP stages only: measure a lower bound on epsilon with "
+                                                           "canaries (the trial is tagged `orchestrator.audit=true`, "
+                                                           "never selected, never a released model)")
 
     @model_validator(mode="after")
     def _check(self):
+        if self.audit is not None and not self.dp.enabled:
+            raise ValueError("audit: an audit measures DP-SGD's privacy; expected dp.enabled: true on this stage")
+        if self.audit is not None and self.audit.kind == "input":
+            raise ValueError("audit.kind: input (black-box) canaries are not implemented yet; expected gradient")
         if self.select is not None and self.needs is None:
             raise ValueError("select: only meaningful with `needs`")
         if self.dp.enabled and self.model.kind == "vq_vae" and self.model.codebook == "ema":
@@ -406,6 +428,11 @@ class SweepConfig(_Strict):
                 if up.model.kind not in ("beta_vae", "vq_vae"):
                     raise ValueError(f"stages[{s.name}].needs: stage {up.name!r} trains {up.model.kind}; "
                                      "expected a compression model (beta_vae or vq_vae)")
+            for key in ("needs", "init_from"):
+                ref = getattr(s, key)
+                if ref is not None and by_name[ref].audit is not None:
+                    raise ValueError(f"stages[{s.name}].{key}: stage {ref!r} is audited (trained with canaries) and "
+                                     "is never selected; audit a stage that no other stage builds on")
             if s.init_from is not None and by_name[s.init_from].model.kind != s.model.kind:
                 raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} trains "
                                  f"{by_name[s.init_from].model.kind}; expected the same model kind ({s.model.kind})")

@@ -57,14 +57,22 @@ class ConsoleProgress(tune.Callback):
 
     def __init__(self, stage: str, epochs: int, searched: list[str], repeats: bool, metric: str):
         self.stage, self.epochs, self.searched, self.repeats, self.metric = stage, epochs, searched, repeats, metric
+        self._told: dict[str, float] = {}
 
     def _label(self, trial) -> str:
         return trial_label(self.stage, trial.config.get("stage", {}), self.searched, trial.trial_id, self.repeats)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        label = self._label(trial)
         if result.get("replay_history"):
+            print(f"[{label}] resumed from its checkpoint of epoch {int(result.get('epoch', 0))}", flush=True)
             return
-        parts = [f"[{self._label(trial)}] epoch {int(result.get('epoch', 0))}/{self.epochs}"]
+        recovered = _num(result, "privacy/steps_recovered")
+        if recovered and self._told.get(trial.trial_id) != recovered:
+            self._told[trial.trial_id] = recovered
+            print(f"[{label}] {int(recovered)} noise additions after the last checkpoint were lost with the failed "
+                  "workers; they stay in the privacy account", flush=True)
+        parts = [f"[{label}] epoch {int(result.get('epoch', 0))}/{self.epochs}"]
         for key, name in (("train/loss", "train/loss"), ("val/loss", "val/loss"), ("privacy/epsilon", "eps")):
             v = _num(result, key)
             if v is not None:

@@ -39,6 +39,8 @@ from orchestrator.errors import UserError
 ROLE, STAGE, MODEL, DP = "orchestrator.role", "orchestrator.stage", "orchestrator.model", "orchestrator.dp"
 DP_RELEASE = "orchestrator.dp_release"   # "false": dp.reproducible, noise derivable from the seed
 NOT_A_RELEASE = "not a DP release"
+AUDIT = "orchestrator.audit"             # "true": trained with canaries, never selected or released
+AUDIT_EPS = "audit/epsilon_lower"        # the audit's lower bound, shown beside the claimed epsilon
 PRIVATE_DATA, CHECKPOINT, PARENT = "orchestrator.private_data", "orchestrator.checkpoint", "mlflow.parentRunId"
 EPS, EPS_TOTAL = "privacy/epsilon", "privacy/epsilon_total"
 R_MEAN, ED_ES = "control/r_mean", "control/ed_es_accuracy"
@@ -136,6 +138,7 @@ def _row(run) -> dict:
         "sample_rate": _number(params.get("privacy.sample_rate")), "batch": batch, "latent": latent,
         "epsilon": eps, "epsilon_total": total, "epsilon_total_source": source, "status": info.status,
         "dp_release": dp and tags.get(DP_RELEASE) != "false",
+        "audit": tags.get(AUDIT) == "true",
         "start_time": info.start_time or 0, "checkpoint": tags.get(CHECKPOINT),
         "upstream": [params[k] for k in ("upstream.needs", "upstream.init_from") if params.get(k)],
     }
@@ -278,7 +281,10 @@ def table_columns(rows: list[dict], metric: str) -> list[tuple]:
     cols = [("stage", "<", lambda r: r["stage"]), ("model", "<", lambda r: r["model"]),
             ("DP", "<", lambda r: "yes" if r["dp"] else "no"), ("sigma", ">", lambda r: fmt_num(r["sigma"])),
             ("batch", ">", lambda r: r["batch"] or "-"), ("latent", ">", lambda r: r["latent"] or "-"),
-            ("epsilon", ">", fmt_epsilon), ("eps_total", ">", lambda r: fmt_num(r["epsilon_total"])),
+            ("epsilon", ">", fmt_epsilon)]
+    if any(r.get(AUDIT_EPS) is not None for r in rows):   # audited trials: the measured lower bound beside it
+        cols.append(("eps_audit", ">", lambda r: fmt_num(r.get(AUDIT_EPS))))
+    cols += [("eps_total", ">", lambda r: fmt_num(r["epsilon_total"])),
             (short_metric(metric)[:16], ">", lambda r: fmt_num(_value(r, metric)))]
     for key, head in ((R_MEAN, "r_mean"), (ED_ES, "ed_es_acc")):
         if key != metric and any(_value(r, key) is not None for r in rows):
@@ -310,7 +316,7 @@ def format_table(rows: list[dict], metric: str, width: int = 100) -> list[str]:
 
 def write_csv(rows: list[dict], metric: str, path: Path) -> None:
     fields = ["run_id", "run_name", "stage", "model", "family", "dp", "dp_release", "private_data", "sigma", "sample_rate",
-              "batch", "latent", "epsilon", "epsilon_total", "epsilon_total_source", metric]
+              "batch", "latent", "epsilon", AUDIT_EPS, "epsilon_total", "epsilon_total_source", metric]
     fields += [k for k in (R_MEAN, ED_ES) if k != metric and any(_value(r, k) is not None for r in rows)]
     fields += ["status", "front"]
 

@@ -63,7 +63,9 @@ def _trial_rows(grid, metric: str) -> list[dict]:
                      "dp": bool(dp), "sigma": m.get("privacy.noise_multiplier"), "q": m.get("privacy.sample_rate"),
                      "steps": m.get("privacy/steps"), "epoch": m.get("epoch"),
                      "select_sigma": m.get("select.noise_multiplier"),
-                     "dp_release": bool(dp) and not (r.config or {}).get("stage", {}).get("dp", {}).get("reproducible")})
+                     "dp_release": bool(dp) and not (r.config or {}).get("stage", {}).get("dp", {}).get("reproducible"),
+                     # trained with canaries (stage `audit`): never selected, never a released model
+                     "audit": bool((r.config or {}).get("stage", {}).get("audit"))})
     return rows
 
 
@@ -199,6 +201,8 @@ def update_books(cfg: SweepConfig, plans: dict[str, StagePlan], results: dict, s
     for r in rows:
         total, book = accounting.lineage_total(r, by_key, delta, acct)
         trials[r["key"]] = {"stage": r["stage"], "trial": r["trial_id"], "epsilon": r.get("epsilon"), **book}
+        if r.get("audit"):   # trained with canaries: its training counts in the study, it is no release
+            trials[r["key"]].update(audit=True, released=False)
         if r.get("total_logged") == total or not (r.get("dp") or r.get("private") or total):
             continue
         found = with_patience(client.search_runs, [exp_id], filter_string=f"tags.`{TRIAL_KEY}` = '{r['key']}'",
@@ -295,7 +299,7 @@ def _fit_noting_interrupts(tuner):
 
 
 def _select(rows: list[dict], how: str, mode: str) -> list[dict]:
-    ok = [r for r in rows if r["ok"] and r["checkpoint"]]
+    ok = [r for r in rows if r["ok"] and r["checkpoint"] and not r.get("audit")]
     if how == "each" or not ok:
         return ok
     sign = 1 if mode == "min" else -1
@@ -333,6 +337,10 @@ def print_summary(cfg: SweepConfig, results: dict, uri: str, out: Path, books: d
         if replays:
             print(f"  not a DP release: stage(s) {', '.join(replays)} ran with dp.reproducible (noise and batches "
                   "derive from the logged seed)")
+        audited = sorted({r["stage"] for rows in results.values() for r in rows if r.get("audit")})
+        if audited:
+            print(f"  audited: stage(s) {', '.join(audited)} trained with canaries (audit/epsilon_lower); "
+                  "never selected, not a released model")
         for name, t in books["tuning"].items():
             if t.get("private") and t.get("trials", 0) > 1:
                 rs = t.get("epsilon_repeat_and_select")
@@ -387,7 +395,11 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
             results[stage.name], selected[stage.name] = done["rows"], done["selected"]
             continue
         init = selected[stage.init_from][0] if stage.init_from else None
-        ups = selected[stage.needs] if stage.needs else [None]
+        # `select` is this stage's choice among its upstream's trials: the best one, or each
+        ups = [None]
+        if stage.needs:
+            ups = (_select(results[stage.needs], "each", "min") if stage.select == "each"
+                   else selected[stage.needs])
         count = trial_count(stage, state, out, client, parent)
         rows = []
         for up in ups:
@@ -404,7 +416,7 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
                          needs_key=up["key"] if up else None, init_key=init["key"] if init else None)
             rows += got
         results[stage.name] = rows
-        selected[stage.name] = _select(rows, stage.select or "best", stage.search.mode)
+        selected[stage.name] = _select(rows, "best", stage.search.mode)
         if len([r for r in rows if r["ok"]]) < len(rows):
             failed = True
         state["stages"][stage.name] = {"finished": True, "rows": rows, "selected": selected[stage.name]}

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.config import (BetaVAEConfig, ClusterConfig, DataConfig, DPConfig, EvalConfig, FAMILY_CONFIGS,
+from orchestrator.config import (AuditConfig, BetaVAEConfig, ClusterConfig, DataConfig, DPConfig, EvalConfig, FAMILY_CONFIGS,
                                  LDMConfig, ParamSpec, PrivacyConfig, RandomCount, SearchConfig, SelectDPConfig,
                                  StageConfig, SweepConfig, SynthesizeConfig, TrackingConfig, TrainConfig,
                                  VQVAEConfig, _did_you_mean, flatten, get_path, search_combinations)
@@ -264,7 +264,8 @@ def reference_markdown() -> str:
                 ("privacy", PrivacyConfig), ("cluster", ClusterConfig), ("tracking", TrackingConfig),
                 ("stages[]", StageConfig), ("stages[].model (kind: beta_vae)", BetaVAEConfig),
                 ("stages[].model (kind: vq_vae)", VQVAEConfig), ("stages[].model (kind: ldm)", LDMConfig),
-                ("stages[].train", TrainConfig), ("stages[].dp", DPConfig), ("stages[].eval", EvalConfig),
+                ("stages[].train", TrainConfig), ("stages[].dp", DPConfig), ("stages[].audit", AuditConfig),
+                ("stages[].eval", EvalConfig),
                 ("stages[].search", SearchConfig), ("stages[].search.select_dp", SelectDPConfig),
                 ("stages[].search.num_samples (random)", RandomCount),
                 ("stages[].search.parameters.<path>", ParamSpec)]

@@ -27,6 +27,7 @@ from orchestrator.progress import trial_label
 
 ROLE, STAGE, MODEL, DP = "orchestrator.role", "orchestrator.stage", "orchestrator.model", "orchestrator.dp"
 DP_RELEASE = "orchestrator.dp_release"
+AUDIT = "orchestrator.audit"   # "true": trained with canaries (stage `audit`), never selected or released
 TRIAL_KEY = "orchestrator.trial_key"
 REPLAY_KEY = "replay_history"   # see trainers/loop.py
 PARAM_LIMIT = 6000
@@ -231,6 +232,8 @@ class MlflowTrialLogger(tune.Callback):
                     "orchestrator.trial_id": info["trial_id"], **self.extra_tags}
             if dp:   # a DP trial whose noise and batches derive from the logged seed is no DP release
                 tags[DP_RELEASE] = str(not stage_cfg.get("dp", {}).get("reproducible", False)).lower()
+            if stage_cfg.get("audit"):
+                tags[AUDIT] = "true"
             name = trial_label(self.stage, stage_cfg, getattr(self, "searched", []), info["trial_id"],
                                getattr(self, "repeats", False))
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)

@@ -1,5 +1,6 @@
-"""One home for what several test files need: the independent epsilon reference, free ports,
-tiny sweep files, launching the CLI, and reading runs back from MLflow by role.
+"""One home for what several test files need: the independent epsilon reference, a tiny
+DP-compatible network, free ports, tiny sweep files, launching the CLI, reading runs (and
+their noise ledgers) back from MLflow by role, and the training loop run in this process.
 
 The epsilon reference is Google's dp-accounting (RDP, PLD) or the Gaussian-DP central limit
 theorem written out with scipy: never Opacus, which is what it checks."""
@@ -212,11 +213,6 @@ def trial_runs_once_started(db: Path, experiment: str) -> list:
     if not (Path(db).parent / "launch.json").exists():
         return []
     return trial_runs(client_for(db), experiment)
-
-
-def metric_steps(client, run, key: str) -> list[int]:
-    """The distinct steps (epochs) at which `key` was logged, sorted."""
-    return sorted({m.step for m in client.get_metric_history(run.info.run_id, key)})
 
 
 def noise_ledger(output: Path, run) -> Path:

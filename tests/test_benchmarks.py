@@ -10,9 +10,9 @@ from orchestrator.config import StageConfig
 
 
 def test_memory_is_flat_in_logical_batch_and_the_check_can_fail(tmp_path):
-    """What the DP steps add to the process's memory (peak minus the RSS before the first
-    step) stays flat in the logical batch with micro-batching, and grows without it: the same
-    check, run with micro-batching off, fails."""
+    """What the DP steps add to the process's memory (peak RSS while they run minus the RSS
+    before them, after a warm-up step) stays flat in the logical batch with micro-batching,
+    and grows without it: the same check, run with micro-batching off, fails."""
     def increments(physical):
         out = tmp_path / f"memory{physical}.json"
         memory.main(["--sizes", "16", "64", "--physical", str(physical), "--steps", "1", "--json", str(out)])
@@ -25,11 +25,13 @@ def test_memory_is_flat_in_logical_batch_and_the_check_can_fail(tmp_path):
 
     flat = increments(8)
     assert [r["physical_batch"] for r in flat] == [8, 8]
-    # 4x the logical batch, same physical batch: the increment must not follow the logical batch
-    assert flat[-1]["increment_mb"] <= 1.25 * flat[0]["increment_mb"]
     whole = increments(0)  # no micro-batching: 16 and 64 samples in one piece
     assert [r["physical_batch"] for r in whole] == [16, 64]
-    assert whole[-1]["increment_mb"] > 1.5 * whole[0]["increment_mb"]
+    growth = whole[-1]["increment_mb"] - whole[0]["increment_mb"]
+    assert whole[-1]["increment_mb"] > 1.5 * whole[0]["increment_mb"] and growth > 10  # the check sees growth
+    # 4x the logical batch, same physical batch: the memory must not follow the logical batch
+    # (measured: +0.0 MB with micro-batching, +41 MB without)
+    assert flat[-1]["increment_mb"] - flat[0]["increment_mb"] <= 0.25 * growth
 
 
 def test_dp_overhead_reports_dp_and_nondp_side_by_side(tmp_path, capsys):
@@ -40,7 +42,7 @@ def test_dp_overhead_reports_dp_and_nondp_side_by_side(tmp_path, capsys):
     assert [r["mode"] for r in rows] == ["bk"]
     for r in rows:
         assert r["layout"] in dp_overhead.LAYOUTS and r["dp_step_s"] > 0 and r["nondp_step_s"] > 0
-        assert r["dp_over_nondp"] == round(r["dp_step_s"] / r["nondp_step_s"], 2)
+        assert r["dp_over_nondp"] == pytest.approx(r["dp_step_s"] / r["nondp_step_s"], rel=0.02, abs=0.01)
         assert r["peak_mb"] > 0 and r["nondp_peak_mb"] > 0
     assert "| 3x8x8, 2 | vq_vae |" in capsys.readouterr().out
 

@@ -18,8 +18,9 @@ Poisson batch with the run's probability q (only if its coin put it in the datas
 score is the sum over steps of the noisy aggregated gradient on j(i). See GradientCanaries
 for where it enters the step.
 
-Black-box input canaries (`audit.kind: input`) are accepted by the schema but not
-implemented yet: such a trial fails at setup with one clear line.
+Black-box input canaries (`audit.kind: input`: crafted volumes in the training set, scored
+by the final model's loss) are named by the schema but not implemented yet: the sweep file
+is refused with one line.
 
 The bound is computed here with scipy, written from the paper (its Algorithm / appendix
 code); no library implements it for PyTorch.

@@ -3,8 +3,8 @@ private optimization on large model at small cost"), on Opacus's hooks.
 
 The one backward gives, per layer, the saved activations and the output gradients. From
 them each layer either instantiates its per-sample gradients (Opacus's grad samplers, with
-trainers/grad_samplers.py for 3D convolutions) or, where 2 T^2 <= p d, keeps them for a ghost
-norm. Once every layer is through, each sample's clipping factor is known, and the clipped
+trainers/grad_samplers.py for 3D convolutions) or, where a ghost norm takes less arithmetic
+(grad_samplers.ghost_is_cheaper), keeps them for one. Once every layer is through, each sample's clipping factor is known, and the clipped
 sum is a weighted sum of the instantiated gradients plus, for ghost layers, one weight-
 gradient call on the output gradients scaled by the factors. No second backward (Opacus's
 ghost mode pays one), no forward re-run (its functorch mode re-runs every layer).
@@ -28,11 +28,12 @@ from opacus.grad_sample import GradSampleModule
 from opacus.utils.module_utils import trainable_parameters
 
 from trainers import grad_samplers as gs
-from trainers.privacy import GhostDPStepper, Stepper
 from opacus.validators import ModuleValidator
+from trainers.privacy import GhostDPStepper, Stepper
 
 # Layers whose batch weight gradient is skipped in the backward (see the module docstring).
-SKIP_WEIGHT_GRAD = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
+CONVS = (nn.Conv3d, nn.ConvTranspose3d)
+SKIP_WEIGHT_GRAD = CONVS + (nn.Linear,)
 
 
 class BookKeepingGradSampleModule(GradSampleModule):
@@ -40,11 +41,14 @@ class BookKeepingGradSampleModule(GradSampleModule):
     (activations, output gradients) for the stepper instead of instantiating."""
 
     def __init__(self, m: nn.Module, *, ghost: Optional[bool] = None):
-        # ghost: None = by cost (2 T^2 <= p d), True/False = force (tests exercise both paths)
+        # ghost: None = by cost (ghost_is_cheaper), True/False = force (tests exercise both paths)
         self.ghost, self.ghost_layers = ghost, []
         super().__init__(m, batch_first=True, loss_reduction="sum", strict=False)
         for module in self.iterate_submodules(self._module):
-            if isinstance(module, SKIP_WEIGHT_GRAD) and module.weight.requires_grad:
+            # Not for 1x1x1 convolutions: their weight gradient is cheap, and without a weight
+            # that requires grad torch runs them on its slow (non-oneDNN) CPU path.
+            pointwise = isinstance(module, CONVS) and all(k == 1 for k in module.kernel_size)
+            if isinstance(module, SKIP_WEIGHT_GRAD) and module.weight.requires_grad and not pointwise:
                 self.autograd_grad_sample_hooks += [
                     module.register_forward_pre_hook(self._weight_grad_off),
                     module.register_forward_hook(self._weight_grad_on, prepend=True),  # before Opacus's hook

@@ -63,10 +63,12 @@ class Trial:
     sampler: object
     facts: Optional[PrivacyFacts]         # sigma, q, planned steps (DP only)
     ema: Optional[WeightEMA]
+    canaries: Optional[object] = None     # trainers/audit.py, with `audit` on the stage
     extra_state: dict = field(default_factory=dict)   # what the released model depends on
     params: dict = field(default_factory=dict)        # facts known only here, logged as params
     history: list = field(default_factory=list)       # every epoch's metrics, kept in the checkpoint
     start_epoch: int = 0
+    recovered_steps: int = 0                          # noise additions recovered from the ledger
 
     @property
     def name(self) -> str:
@@ -163,7 +165,22 @@ def setup(config: dict) -> Trial:
     ema = WeightEMA(stepper.network, stage.train.ema_decay) if stage.train.ema_decay else None
     return Trial(meta=meta, stage=stage, data=data, rank=rank, world=world, device=device, train_set=train_set,
                  val_set=val_set, test_set=test_set, adapter=adapter, optimizer=optimizer, stepper=stepper,
-                 sampler=sampler, facts=facts, ema=ema, extra_state=extra_state, params=params)
+                 sampler=sampler, facts=facts, ema=ema, extra_state=extra_state, params=params,
+                 canaries=add_canaries(stage, stepper, optimizer, facts, n_train, rank, world))
+
+
+def add_canaries(stage: StageConfig, stepper, optimizer, facts, n_train: int, rank: int, world: int):
+    """`audit`: canaries ride on every DP step from the first to the last (trainers/audit.py).
+    A restarted trial draws new ones: its audit covers the steps since the restart."""
+    if stage.audit is None:
+        return None
+    from trainers.audit import GradientCanaries
+
+    if stage.audit.kind != "gradient":
+        raise ValueError(f"audit.kind: {stage.audit.kind!r} canaries are not implemented yet; use gradient")
+    return GradientCanaries(stepper.params, stage.audit.canaries, max_grad_norm=facts.max_grad_norm,
+                            sample_rate=facts.sample_rate, expected_batch=facts.sample_rate * n_train,
+                            rank=rank, world_size=world).attach(optimizer)
 
 
 def restore(trial: Trial) -> None:
@@ -198,7 +215,7 @@ def keep_noise_ledger(trial: Trial) -> None:
     if not trial.stepper.dp:
         return
     ledger = Path(trial.meta["storage_path"]) / ray.train.get_context().get_experiment_name() / "noise_ledger.txt"
-    recovered = trial.stepper.count_ledger(ledger)
+    recovered = trial.recovered_steps = trial.stepper.count_ledger(ledger)
     if recovered:
         trial.say(f"{recovered} noise additions after the last checkpoint were lost with the failed workers; "
                   "they stay in the privacy account")
@@ -250,6 +267,10 @@ def validate(trial: Trial, epoch: int) -> dict:
     if trial.facts is not None:
         metrics.update({"privacy/epsilon": trial.stepper.epsilon(trial.facts.delta),
                         "privacy/steps": trial.stepper.steps, **trial.facts.as_result()})
+        if trial.recovered_steps:   # the console says so (orchestrator/progress.py)
+            metrics["privacy/steps_recovered"] = trial.recovered_steps
+    if trial.canaries is not None and epoch + 1 == trial.stage.train.epochs:
+        metrics.update(trial.canaries.result(trial.facts.delta))   # the audit ends with the last step
     if trial.meta.get("select") and epoch + 1 == trial.stage.train.epochs:
         metrics.update(selection_metrics(trial.meta["select"], trial.adapter, trial.stepper.network, trial.stage,
                                           trial.val_set, val_idx, trial.device, pbs, trial.rank, trial.world))
@@ -264,6 +285,8 @@ def report(trial: Trial, epoch: int, metrics: dict) -> None:
         return
     stage, net = trial.stage, trial.stepper.network
     eps = f" eps={metrics['privacy/epsilon']:.3f} steps={metrics['privacy/steps']}" if trial.facts else ""
+    if "audit/epsilon_lower" in metrics:
+        eps += f" audited eps_lower={metrics['audit/epsilon_lower']:.3f}"
     trial.say(f"epoch {epoch + 1}/{stage.train.epochs} train/loss={metrics['train/loss']:.5f} "
               f"val/loss={metrics['val/loss']:.5f}{eps} ({metrics['time/epoch_s']:.1f}s)")
     trial.history.append(_loggable(metrics))

@@ -24,6 +24,9 @@ Read this file to audit the privacy story of a trial:
   last checkpoint is recovered from the noise ledger, so a resumed run continues its
   epsilon rather than restarting it. The facts that let anyone recompute epsilon
   (sigma, q, steps, delta, accountant) are reported with every epoch.
+* Auditing. A stage with `audit` adds canaries at the end of every step, whatever the
+  stepper below (trainers/audit.py: a pre-step hook on the plain optimizer, after noise and
+  all-reduce), and reports a measured lower bound on epsilon; such a trial is no release.
 
 Non-DP training shares the sampling/stepping structure (shuffled fixed-size batches) so the
 training loop has one shape.
@@ -336,6 +339,12 @@ class DPStepper(Stepper):
             for p in self.params:
                 gs = p.grad_sample
                 p.grad_sample = gs.view(-1, rows_per_sample, *gs.shape[1:]).sum(1)
+        # One gradient per sample, or each row would be clipped as if it were a person:
+        # K draws passed as K samples would silently weaken the guarantee K-fold.
+        got = {p.grad_sample.shape[0] for p in self.params if p.grad_sample is not None}
+        if got != {len(per_sample_loss)}:
+            raise ValueError(f"{sorted(got)} per-sample gradients for {len(per_sample_loss)} samples: "
+                             f"rows_per_sample {rows_per_sample} does not match how the batch was run")
 
     def empty_microbatch(self) -> None:
         # An empty Poisson batch is still a step: noise is added and the accountant counts
@@ -492,10 +501,11 @@ class GhostDPStepper(DPStepper):
 from trainers import grad_samplers as _grad_samplers  # noqa: E402,F401  registers the 3D conv samplers with Opacus
 
 # `auto`: per family, the fastest correct mode measured by benchmarks/dp_overhead.py on CPU
-# (functorch beat hooks for every family: 1.7-2.5x vs 3.8-4.1x a non-DP step; ghost clipping
-# only helps layers with a norm sampler, Linear and Embedding, and these models are
-# convolutional).
-AUTO_MODE = {"beta_vae": "functorch", "vq_vae": "functorch", "ldm": "functorch"}
+# (13 x 48 x 48, batch 8; README "Performance"): bk (one backward, trainers/book_keeping.py)
+# 1.42x / 1.57x / 1.56x a non-DP step for beta_vae / vq_vae / ldm, against hooks 1.42x / 1.60x /
+# 1.67x, functorch 1.96x / 2.14x / 2.36x and Opacus's ghost clipping (two backwards) 2.1-3.7x;
+# bk also peaks lowest in memory and supports noise multiplicity.
+AUTO_MODE = {"beta_vae": "bk", "vq_vae": "bk", "ldm": "bk"}
 
 
 def make_dp_stepper(mode: str, family: str, model, optimizer, world_size: int, **kw) -> DPStepper:
