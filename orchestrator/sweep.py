@@ -224,7 +224,7 @@ def update_books(cfg: SweepConfig, plans: dict[str, StagePlan], results: dict, s
     study = accounting.study_totals(rows, delta, acct)
     # The worst released model: a lineage that trained on private data without DP is
     # infinite, and so is this total (the worst DP-trained lineage is reported beside it).
-    totals = [t["epsilon_total"] for t in trials.values()]
+    totals = [t["epsilon_total"] for t in trials.values() if t.get("released", True)]
     dp_totals = [t for t in totals if _finite(t)]
     payload = {"sweep": cfg.name, "parent_run_id": parent, "accountant": acct, "delta": delta,
                "how_to_recompute": "each mechanism is a Poisson-subsampled Gaussian (sigma = noise multiplier, "
