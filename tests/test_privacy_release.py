@@ -54,8 +54,10 @@ def test_what_a_launch_releases(tmp_path):
     replay = [r for r in by_stage["dp"] if r.data.params["dp.reproducible"] == "True"]
     assert {r.data.tags["orchestrator.dp_release"] for r in secret} == {"true"}
     assert {r.data.tags["orchestrator.dp_release"] for r in replay} == {"false"}
-    assert not torch.allclose(weights(secret[0]), weights(secret[1]))
-    assert torch.equal(weights(replay[0]), weights(replay[1]))
+    # (reproducible up to float summation order: `auto` = bk times its per-layer kernels on
+    # the first batch and may pick another one; noise differs by about the learning rate)
+    assert (weights(secret[0]) - weights(secret[1])).abs().max() > 5e-4
+    assert torch.allclose(weights(replay[0]), weights(replay[1]), rtol=1e-4, atol=1e-5)
     assert torch.equal(weights(by_stage["plain"][0]), weights(by_stage["plain"][1]))
     assert "not a DP release" in proc.stdout
 
