@@ -56,16 +56,17 @@ def _trial_rows(grid, metric: str) -> list[dict]:
     rows = []
     for r in grid:
         m = r.metrics or {}
-        dp = (r.config or {}).get("stage", {}).get("dp", {}).get("enabled")
+        stage_cfg = (r.config or {}).get("stage", {})
+        dp = stage_cfg.get("dp", {}).get("enabled")
         rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "ok": r.error is None and metric in m,
                      "metric": m.get(metric), "epsilon": m.get("privacy/epsilon"),
                      "checkpoint": r.checkpoint.path if r.checkpoint else m.get("checkpoint_path"),
                      "dp": bool(dp), "sigma": m.get("privacy.noise_multiplier"), "q": m.get("privacy.sample_rate"),
                      "steps": m.get("privacy/steps"), "epoch": m.get("epoch"),
                      "select_sigma": m.get("select.noise_multiplier"),
-                     "dp_release": bool(dp) and not (r.config or {}).get("stage", {}).get("dp", {}).get("reproducible"),
+                     "dp_release": bool(dp) and not stage_cfg.get("dp", {}).get("reproducible"),
                      # trained with canaries (stage `audit`): never selected, never a released model
-                     "audit": bool((r.config or {}).get("stage", {}).get("audit"))})
+                     "audit": bool(stage_cfg.get("audit"))})
     return rows
 
 
