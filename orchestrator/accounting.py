@@ -33,7 +33,8 @@ def mechanism_of(row: dict) -> Optional[L.Mechanism]:
     if not row.get("dp") or row.get("sigma") is None:
         return None
     return L.Mechanism(sigma=float(row["sigma"]), sample_rate=float(row["q"]), steps=int(row["steps"]),
-                       stage=row["stage"], trial=row["trial_id"], data=row["data"])
+                       stage=row["stage"], trial=row["trial_id"], data=row["data"],
+                       unit=row.get("unit") or "record", group_size=int(row.get("group_size") or 0))
 
 
 def lineage(row: dict, by_key: dict[str, dict]) -> list[dict]:
@@ -90,7 +91,7 @@ def _privacy_values(path: str, spec) -> list:
 
 
 def privacy_candidates(stage: StageConfig, n_train: int, delta: float, accountant: str,
-                       data: str) -> tuple[list[list[L.Mechanism]], Optional[str]]:
+                       data: str, unit: str = "record") -> tuple[list[list[L.Mechanism]], Optional[str]]:
     """Mechanisms that bound every configuration a random trial of the stage can draw, and
     a note when that is not the exact set: all distinct (sigma, q, steps) when there are at
     most EXACT_LIMIT privacy-relevant combinations, else one envelope (smallest sigma,
@@ -112,7 +113,7 @@ def privacy_candidates(stage: StageConfig, n_train: int, delta: float, accountan
             if variant.dp.enabled:
                 f = plan_privacy(variant, n_train, delta, accountant)
                 plans[(f.noise_multiplier, f.sample_rate, f.steps_planned)] = f
-        return [[L.Mechanism(s, q, n, stage.name, "candidate", data)] for s, q, n in plans], None
+        return [[L.Mechanism(s, q, n, stage.name, "candidate", data, unit)] for s, q, n in plans], None
     worst = lambda path, pick, default: pick(searched[path]) if path in searched else default  # noqa: E731
     if "dp.target_epsilon" in searched or stage.dp.noise_multiplier is None:
         return [], (f"{count} privacy-relevant combinations with a solved noise multiplier: too many to price "
@@ -128,24 +129,26 @@ def privacy_candidates(stage: StageConfig, n_train: int, delta: float, accountan
     q = min(1.0, b_max / n_train)
     note = (f"{count} privacy-relevant combinations: bounded by the envelope sigma={sigma:g}, q={q:.4g}, "
             f"steps={steps} (above every combination, not tight)")
-    return [[L.Mechanism(sigma, q, steps, stage.name, "envelope", data)]], note
+    return [[L.Mechanism(sigma, q, steps, stage.name, "envelope", data, unit)]], note
 
 
 def stage_candidates(stage: StageConfig, n_train: int, delta: float, accountant: str, data: str,
-                     rows: list[dict]) -> tuple[list[list[L.Mechanism]], Optional[str]]:
+                     rows: list[dict], unit: str = "record") -> tuple[list[list[L.Mechanism]], Optional[str]]:
     """`privacy_candidates` plus what the trials actually ran (a restarted trial may have
     taken more steps than planned)."""
-    cands, note = privacy_candidates(stage, n_train, delta, accountant, data)
+    cands, note = privacy_candidates(stage, n_train, delta, accountant, data, unit)
     if not cands:
         return [], note
     return cands + [[m] for r in rows if (m := mechanism_of(r)) is not None], note
 
 
-def selection_mechanisms(stage: StageConfig, data: str, rows: list[dict]) -> list[L.Mechanism]:
+def selection_mechanisms(stage: StageConfig, data: str, rows: list[dict], unit: str = "record",
+                         group_size: Optional[int] = None) -> list[L.Mechanism]:
     """`search.select_on: dp`: each trial released one Gaussian mechanism (q = 1, one step)
-    on the people of the validation split."""
+    on the people of the validation split (per subject with unit subject: the noise is
+    scaled to a whole subject's clipped losses, trainers/validation.py)."""
     return [L.Mechanism(float(r.get("select_sigma") or stage.search.select_dp.noise_multiplier), 1.0, 1,
-                        stage.name, r["trial_id"], data + "#validation") for r in rows]
+                        stage.name, r["trial_id"], data + "#validation", unit, group_size or 0) for r in rows]
 
 
 def stage_selection(stage: StageConfig, plan, rows: list[dict], delta: float, accountant: str) -> dict:
@@ -162,7 +165,7 @@ def stage_selection(stage: StageConfig, plan, rows: list[dict], delta: float, ac
         out.update(data=plan.data.root, epsilon=0.0,
                    note="public data" if not plan.data.private else "no choice among trials")
     elif stage.search.select_on == "dp":
-        mechs = selection_mechanisms(stage, plan.data.root, rows)
+        mechs = selection_mechanisms(stage, plan.data.root, rows, plan.unit, plan.val_group_size)
         book = L.ledger_for(mechs, delta, "rdp" if accountant == "gdp" else accountant)
         out.update(data=plan.data.root + "#validation", epsilon=book["epsilon_total"],
                    mechanisms=[m.to_dict() for m in mechs],
@@ -197,7 +200,7 @@ def stage_tuning(stage: StageConfig, plan, rows: list[dict], delta: float, accou
     # (K repeats of a fixed grid) or an adaptive search.
     if num_samples and stage.search.method == "random":
         out["num_samples"] = num_samples
-        cands, note = stage_candidates(stage, plan.n_train, delta, accountant, plan.data.root, rows)
+        cands, note = stage_candidates(stage, plan.n_units, delta, accountant, plan.data.root, rows, plan.unit)
         if note:
             out["candidates_note"] = note
         if cands:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -27,7 +28,7 @@ class _Strict(BaseModel):
 class SynthesizeConfig(_Strict):
     """Make a phantom dataset at `data.root` if it does not exist yet."""
     kind: Literal["phantom"] = Field("phantom", description="only `phantom` is built in")
-    n: int = Field(256, ge=3, description="number of volumes (split 80/10/10)")
+    n: int = Field(256, ge=6, description="number of volumes: ceil(n/2) subjects imaged at ED and ES (split 80/10/10 by subject)")
     seed: int = Field(0, description="random seed of the phantom generator")
     variant: Literal["private", "public"] = Field(
         "private", description="`public`: a shifted distribution for pretraining")
@@ -42,6 +43,10 @@ class DataConfig(_Strict):
     allow_pickle: bool = Field(False, description="read `.npy` samples holding a pickled dict (trusted data only)")
     private: bool = Field(True, description="true: DP stages account for this data, non-DP stages on it are tagged not private; false: public, costs no budget")
     synthesize: Optional[SynthesizeConfig] = Field(None, description="make a phantom dataset at `root` if absent")
+    subject_pattern: Optional[str] = Field(
+        None, description="regex whose first group, searched in each sample's path as the index file writes it, is "
+                          "the sample's subject (patient); null: a `subject` entry in the sample files, if any "
+                          r"(the phantoms write both; their pattern: `(s\d+)_e[ds]`)")
 
     @model_validator(mode="before")
     @classmethod
@@ -55,6 +60,14 @@ class DataConfig(_Strict):
     def _check(self):
         if any(s < 1 for s in self.shape):
             raise ValueError(f"shape: expected three positive sizes (D, H, W), got {list(self.shape)}")
+        if self.subject_pattern is not None:
+            try:
+                groups = re.compile(self.subject_pattern).groups
+            except re.error as e:
+                raise ValueError(f"subject_pattern: {self.subject_pattern!r} is not a regular expression ({e})") from None
+            if groups < 1:
+                raise ValueError(f"subject_pattern: {self.subject_pattern!r} has no group; expected the subject id "
+                                 r"in the first (...) group, e.g. '(s\d+)_'")
         if len(set(self.labels)) != len(self.labels):
             twice = next(n for n in self.labels if self.labels.count(n) > 1)
             raise ValueError(f"labels: names must be unique; {twice!r} is listed more than once")
@@ -65,6 +78,15 @@ class PrivacyConfig(_Strict):
     """How epsilon is accounted."""
     delta: float = Field(1e-5, gt=0, lt=1, description="target delta; must be below 1/n_train")
     accountant: Literal["prv", "rdp", "gdp"] = Field("prv", description="Opacus accountant")
+    unit: Literal["record", "subject"] = Field(
+        "record", description="the unit of privacy: `record` (one volume) or `subject` (all of a patient's volumes "
+                              "together: Poisson sampling, clipping and q over subjects; needs declared subjects, "
+                              "see data.subject_pattern); a stage may override it with its own `privacy: {unit}`")
+
+
+class StagePrivacyConfig(_Strict):
+    """A stage's own unit of privacy (overrides the top-level `privacy.unit`)."""
+    unit: Optional[Literal["record", "subject"]] = Field(None, description="record | subject; null: the top-level unit")
 
 
 class ClusterConfig(_Strict):
@@ -88,7 +110,10 @@ class TrackingConfig(_Strict):
 class BetaVAEConfig(_Strict):
     """beta-VAE on MONAI's AutoencoderKL."""
     kind: Literal["beta_vae"] = "beta_vae"
-    channels: list[int] = Field(default_factory=lambda: [16, 32], description="channels per level; each level after the first halves D, H, W")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="channels per level; each level after the first halves D, H, W (H, W only with `downsample: in_plane`)")
+    downsample: Literal["all", "in_plane"] = Field(
+        "all", description="`in_plane`: strided layers halve H and W only, with depth-1 kernels (13 x 96 x 96 -> "
+                           "13 x 24 x 24 at 4x, as in the reference paper); `all`: D, H and W")
     latent_channels: int = Field(3, ge=1, description="channels of the latent")
     num_res_blocks: int = Field(1, ge=1, description="residual blocks per level")
     norm_num_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every entry of `channels`")
@@ -117,7 +142,10 @@ class BetaVAEConfig(_Strict):
 class VQVAEConfig(_Strict):
     """VQ-VAE on MONAI's VQVAE."""
     kind: Literal["vq_vae"] = "vq_vae"
-    channels: list[int] = Field(default_factory=lambda: [16, 32], description="channels per level; each level after the first halves D, H, W")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="channels per level; each level after the first halves D, H, W (H, W only with `downsample: in_plane`)")
+    downsample: Literal["all", "in_plane"] = Field(
+        "all", description="`in_plane`: strided layers halve H and W only, with depth-1 kernels (13 x 96 x 96 -> "
+                           "13 x 24 x 24 at 4x, as in the reference paper); `all`: D, H and W")
     num_res_layers: int = Field(1, ge=1, description="residual layers per level")
     num_res_channels: Optional[list[int]] = Field(None, description="channels of the residual layers (default: `channels`)")
     num_embeddings: int = Field(256, ge=2, description="codebook size")
@@ -141,6 +169,9 @@ class LDMConfig(_Strict):
     """Label-conditioned (latent) diffusion model on MONAI's DiffusionModelUNet."""
     kind: Literal["ldm"] = "ldm"
     channels: list[int] = Field(default_factory=lambda: [32, 64], description="UNet channels per level")
+    downsample: Literal["all", "in_plane"] = Field(
+        "all", description="`in_plane`: the UNet's strided layers halve H and W only and never mix depth (the "
+                           "reference LDM's in-plane convolutions; pair it with an in-plane compression model); `all`: D, H, W")
     attention_levels: Optional[list[bool]] = Field(None, description="levels with attention (default: all but the first)")
     num_res_blocks: int = Field(1, ge=1, description="residual blocks per level")
     num_head_channels: int = Field(8, ge=1, description="channels per attention head")
@@ -245,7 +276,8 @@ class AuditConfig(_Strict):
                                       f"{AUDIT_MIN_CANARIES}: 100 perfect guesses can show epsilon 2.9 at most)")
     kind: Literal["gradient", "input"] = Field(
         "gradient", description="gradient: white-box Dirac gradient canaries scored by their summed noisy update; "
-                                "input: black-box crafted volumes scored by the final loss (not implemented yet)")
+                                "input: black-box crafted volumes (white noise in [0, 1]) trained as records and scored by "
+                                "the final model's loss (at most half as many canaries as training records)")
 
 
 class ParamSpec(_Strict):
@@ -360,6 +392,7 @@ class StageConfig(_Strict):
     dp: DPConfig = Field(default_factory=DPConfig, description="DP-SGD settings")
     search: SearchConfig = Field(default_factory=SearchConfig, description="what Tune varies")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation on the test split")
+    privacy: Optional[StagePrivacyConfig] = Field(None, description="this stage's unit of privacy, e.g. {unit: subject}")
     audit: Optional[AuditConfig] = Field(None, description="DP stages only: measure a lower bound on epsilon with "
                                                            "canaries (the trial is tagged `orchestrator.audit=true`, "
                                                            "never selected, never a released model)")
@@ -368,8 +401,12 @@ class StageConfig(_Strict):
     def _check(self):
         if self.audit is not None and not self.dp.enabled:
             raise ValueError("audit: an audit measures DP-SGD's privacy; expected dp.enabled: true on this stage")
-        if self.audit is not None and self.audit.kind == "input":
-            raise ValueError("audit.kind: input (black-box) canaries are not implemented yet; expected gradient")
+        if "privacy.unit" in self.search.parameters:
+            raise ValueError("search.parameters.privacy.unit: the unit of privacy is not a hyperparameter; expected "
+                             "one stage per unit (`privacy: {unit: subject}` on the stage)")
+        if self.privacy is not None and self.privacy.unit == "subject" and self.dp.grad_sample_mode == "ghost":
+            raise ValueError("dp.grad_sample_mode: ghost clipping computes one norm per volume, not per subject; "
+                             "expected auto, bk, functorch or hooks with privacy.unit subject")
         if self.select is not None and self.needs is None:
             raise ValueError("select: only meaningful with `needs`")
         if self.dp.enabled and self.model.kind == "vq_vae" and self.model.codebook == "ema":
@@ -420,6 +457,9 @@ class SweepConfig(_Strict):
         stage_order(self.stages)  # raises on cycles
         by_name = {s.name: s for s in self.stages}
         for s in self.stages:
+            if self.stage_unit(s) == "subject" and s.dp.grad_sample_mode == "ghost":
+                raise ValueError(f"stages[{s.name}].dp.grad_sample_mode: ghost clipping computes one norm per volume, "
+                                 "not per subject; expected auto, bk, functorch or hooks with privacy.unit subject")
             if s.needs is not None:
                 up = by_name[s.needs]
                 if s.model.kind != "ldm":
@@ -436,9 +476,18 @@ class SweepConfig(_Strict):
             if s.init_from is not None and by_name[s.init_from].model.kind != s.model.kind:
                 raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} trains "
                                  f"{by_name[s.init_from].model.kind}; expected the same model kind ({s.model.kind})")
+            if s.init_from is not None and getattr(by_name[s.init_from].model, "downsample", None) != \
+                    getattr(s.model, "downsample", None):
+                raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} has model.downsample "
+                                 f"{by_name[s.init_from].model.downsample!r}, this stage {s.model.downsample!r}; "
+                                 "the weights only fit the same downsampling")
         return self
 
     # --- resolved views -------------------------------------------------------------
+    def stage_unit(self, stage: StageConfig) -> str:
+        """The unit of privacy of a stage: its own `privacy.unit`, else the sweep's."""
+        return (stage.privacy.unit if stage.privacy is not None else None) or self.privacy.unit
+
     def stage_data(self, stage: StageConfig) -> DataConfig:
         merged = self.data.model_dump()
         merged.update(stage.data or {})

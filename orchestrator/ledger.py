@@ -45,6 +45,7 @@ import numpy as np
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
+UNITS = ("record", "subject")
 
 # dp-accounting's default RDP orders: used for every RDP curve in this module (the tuning
 # bound), so that identical candidates reproduce RdpAccountant's RepeatAndSelect exactly.
@@ -73,8 +74,13 @@ class Mechanism:
     stage: str = ""
     trial: str = ""
     data: str = ""
+    unit: str = "record"     # what q is over: records (volumes) or subjects
+    group_size: int = 0      # record unit: the most records one subject has in `data` (0: unknown)
 
     def __post_init__(self):
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+        self.group_size = int(self.group_size or 0)
         self.sigma, self.sample_rate = float(self.sigma), float(self.sample_rate)
         if self.steps != int(self.steps):
             raise ValueError(f"steps must be an integer, got {self.steps}")
@@ -243,19 +249,65 @@ def _group_by_data(mechanisms: Sequence[Mechanism]) -> dict[str, list[Mechanism]
     return {d: ms + unknown for d, ms in named.items()}
 
 
+def group_compose_epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: str, group_size: int) -> float:
+    """Record-level mechanisms composed, then group privacy for `group_size` records (one
+    subject's volumes): trainers.privacy.group_epsilon says how."""
+    from trainers.privacy import group_epsilon
+
+    active = _active(mechanisms)
+    if any(m.non_private for m in active):
+        return math.inf
+    return group_epsilon(_history(active), delta, group_size, accountant) if active else 0.0
+
+
+def _dataset_entry(ms: list[Mechanism], delta: float, accountant: str) -> dict:
+    """One dataset's epsilons: in the unit of its mechanisms (`epsilon`), and per subject
+    (`epsilon_subject`, None when the data declares no subjects).
+
+    All record-level: epsilon composes them; the subject's is that composition under group
+    privacy for the most volumes one subject has. All subject-level: both are the
+    composition. Mixed units compose at the subject level: the subject-level part at
+    delta/2 plus the record-level part under group privacy at delta/2 (basic composition)."""
+    active = _active(ms)
+    records = [m for m in active if m.unit == "record"]
+    subjects = [m for m in active if m.unit == "subject"]
+    k = max((m.group_size for m in records), default=1)
+    known = all(m.group_size >= 1 for m in records)
+    eps, note = compose_epsilon_details(records or subjects, delta, accountant)
+    unit = "subject" if subjects and not records else "record"
+    subject = None
+    if not subjects:
+        subject = (eps if k <= 1 else group_compose_epsilon(records, delta, accountant, k)) if known else None
+    elif not records:
+        subject = eps
+    else:
+        unit = "mixed"
+        subject = (compose_epsilon(subjects, delta / 2, accountant)
+                   + group_compose_epsilon(records, delta / 2, accountant, max(k, 1)))
+        eps = subject
+        note = ("record- and subject-level training on one dataset: composed at the subject level (group privacy "
+                "for the record-level part, basic composition at delta/2 each)")
+    entry = {"epsilon": float(eps), "epsilon_subject": None if subject is None else float(subject), "unit": unit,
+             "mechanisms": [m.to_dict() for m in ms]}
+    if records and known:
+        entry["group_size"] = k
+        entry["group_privacy"] = ("GDP: k mu" if accountant == "gdp" else
+                                  "(k eps, k e^((k-1) eps) delta') on the RDP curve, delta' chosen so that it is <= delta")
+    if note:
+        entry["note"] = note
+    return entry
+
+
 def ledger_for(lineage: Sequence[Mechanism], delta: float, accountant: str) -> dict:
-    """{"accountant", "delta", "datasets": {data: {"epsilon", "mechanisms": [dicts]
-    (, "note")}}, "epsilon_total": max over datasets (0.0 if none)}. JSON-serialisable
-    (an infinite epsilon is float('inf'), `Infinity` in JSON)."""
-    datasets = {}
-    for data, ms in _group_by_data(list(lineage)).items():
-        eps, note = compose_epsilon_details(ms, delta, accountant)
-        entry = {"epsilon": float(eps), "mechanisms": [m.to_dict() for m in ms]}
-        if note:
-            entry["note"] = note
-        datasets[data] = entry
+    """{"accountant", "delta", "datasets": {data: {"epsilon", "epsilon_subject", "unit",
+    "mechanisms": [dicts] (, "note")}}, "epsilon_total": max over datasets (0.0 if none),
+    "epsilon_total_subject": the same per subject (None when a dataset declares no
+    subjects)}. JSON-serialisable (an infinite epsilon is float('inf'), `Infinity` in JSON)."""
+    datasets = {data: _dataset_entry(ms, delta, accountant) for data, ms in _group_by_data(list(lineage)).items()}
+    subject = [d["epsilon_subject"] for d in datasets.values()]
     return {"accountant": accountant, "delta": float(delta), "datasets": datasets,
-            "epsilon_total": max((d["epsilon"] for d in datasets.values()), default=0.0)}
+            "epsilon_total": max((d["epsilon"] for d in datasets.values()), default=0.0),
+            "epsilon_total_subject": None if None in subject else max(subject, default=0.0)}
 
 
 def write_ledger_json(path, payload: dict) -> Path:

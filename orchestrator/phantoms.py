@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     ap = _Parser(prog="python -m orchestrator.phantoms",
                  description="Write the built-in cardiac phantom dataset (reference format).")
     ap.add_argument("out", help="data root folder to create")
-    ap.add_argument("--n", type=int, default=256, help="number of samples (>= 3)")
+    ap.add_argument("--n", type=int, default=256, help="number of volumes (>= 6): ceil(n/2) subjects at ED and ES")
     ap.add_argument("--shape", type=int, nargs=3, default=(13, 48, 48), metavar=("D", "H", "W"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", choices=VARIANTS, default="private")

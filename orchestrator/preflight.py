@@ -20,10 +20,19 @@ class StagePlan:
     data: DataConfig        # with `root` made absolute
     n_train: int
     select_data: Optional[DataConfig] = None   # select_on public: the public dataset, root absolute
+    unit: str = "record"                       # the unit of privacy: record | subject
+    n_subjects: Optional[int] = None           # training subjects (None: the data declares none)
+    group_size: Optional[int] = None           # most training volumes of one subject (group privacy's k)
+    val_group_size: Optional[int] = None       # the same in the validation split (select_on dp)
+
+    @property
+    def n_units(self) -> int:
+        """Records or subjects in the training split: what Poisson sampling draws from."""
+        return self.n_subjects if self.unit == "subject" else self.n_train
 
 
 def _materialise(cfg: SweepConfig, stage: StageConfig, cache_dir: Path,
-                 data: Optional[DataConfig] = None) -> tuple[DataConfig, int]:
+                 data: Optional[DataConfig] = None):
     data = data or cfg.stage_data(stage)
     root = cfg.resolve(data.root)
     data = data.model_copy(update={"root": str(root)})
@@ -40,8 +49,8 @@ def _materialise(cfg: SweepConfig, stage: StageConfig, cache_dir: Path,
         synthesize(root, n=syn.n, shape=tuple(data.shape), seed=syn.seed, variant=syn.variant,
                    labels=tuple(data.labels))
     index = validate_dataset(root, data.labels, tuple(data.shape), allow_pickle=data.allow_pickle,
-                             cache_dir=cache_dir)
-    return data, index.n("training")
+                             cache_dir=cache_dir, subject_pattern=data.subject_pattern)
+    return data, index
 
 def _trial_variants(stage: StageConfig, limit: int = 64):
     """The stage config under each combination of searched values (bounded: each DP
@@ -50,17 +59,25 @@ def _trial_variants(stage: StageConfig, limit: int = 64):
         yield StageConfig.model_validate({**trial, "name": stage.name})
 
 
-def check_privacy_plan(cfg: SweepConfig, stage: StageConfig, data: DataConfig, n_train: int) -> None:
+def check_privacy_plan(cfg: SweepConfig, stage: StageConfig, data: DataConfig, n_train: int,
+                       unit: str = "record") -> None:
+    """`n_train`: the units Poisson sampling draws from (records, or subjects with unit subject)."""
     where = f"stages[{stage.name}]"
+    what = "training subjects" if unit == "subject" else "training samples"
+    audit = stage.audit   # an included input canary is one more record: M/2 of them in expectation
+    if audit is not None and audit.kind == "input" and audit.canaries > n_train // 2:
+        raise ConfigError(f"{where}.audit.canaries: {audit.canaries} input canaries for {n_train} {what} in "
+                          f"{data.root} would cost over 1.3x a trial without them; expected at most {n_train // 2}")
     for variant in _trial_variants(stage):
         if variant.train.batch_size > n_train:
             raise ConfigError(f"{where}.train.batch_size: {variant.train.batch_size} is larger than the "
-                              f"{n_train} training samples in {data.root}")
+                              f"{n_train} {what} in {data.root}")
         if not variant.dp.enabled:
             continue
         if data.private and cfg.privacy.delta >= 1.0 / n_train:
-            raise ConfigError(f"privacy.delta: {cfg.privacy.delta:g} is not below 1/n_train = 1/{n_train} "
-                              f"(stage {stage.name}); expected delta << 1/n_train, e.g. {0.1 / n_train:.1e}")
+            n = "n_subjects" if unit == "subject" else "n_train"
+            raise ConfigError(f"privacy.delta: {cfg.privacy.delta:g} is not below 1/{n} = 1/{n_train} "
+                              f"(stage {stage.name}); expected delta << 1/{n}, e.g. {0.1 / n_train:.1e}")
         from trainers.privacy import plan_privacy  # Ray Train, MONAI: only once the data is known good
 
         try:
@@ -71,7 +88,7 @@ def check_privacy_plan(cfg: SweepConfig, stage: StageConfig, data: DataConfig, n
                 plan_privacy(variant, n_train, cfg.privacy.delta, cfg.privacy.accountant)
         except ValueError:
             raise ConfigError(f"{where}.dp.target_epsilon: {variant.dp.target_epsilon:g} is unreachable with "
-                              f"batch_size {variant.train.batch_size} of {n_train} samples over "
+                              f"batch_size {variant.train.batch_size} of {n_train} {what} over "
                               f"{variant.train.epochs} epochs; raise target_epsilon or batch size, or train fewer epochs")
 
 def _local_file(cfg: SweepConfig, stage: StageConfig, owner, key: str, section: str, what: str) -> None:
@@ -120,10 +137,18 @@ def preflight(cfg: SweepConfig) -> dict[str, StagePlan]:
     cache_dir = cfg.output_dir / ".cache"
     plans = {}
     for stage in stage_order(cfg.stages):
-        data, n_train = _materialise(cfg, stage, cache_dir)
+        data, index = _materialise(cfg, stage, cache_dir)
         check_model_files(cfg, stage, data)
-        check_privacy_plan(cfg, stage, data, n_train)
-        plans[stage.name] = StagePlan(stage=stage, data=data, n_train=n_train)
+        unit = cfg.stage_unit(stage)
+        if unit == "subject" and index.subjects is None:
+            raise ConfigError(f"stages[{stage.name}]: privacy.unit subject needs the subjects of {data.root}; "
+                              "expected data.subject_pattern (a regex whose first group is the subject id) or a "
+                              "`subject` entry in every sample file")
+        plan = StagePlan(stage=stage, data=data, n_train=index.n("training"), unit=unit,
+                         n_subjects=index.n_subjects("training"), group_size=index.group_size("training"),
+                         val_group_size=index.group_size("validation"))
+        check_privacy_plan(cfg, stage, data, plan.n_units, unit)
+        plans[stage.name] = plan
         if stage.search.select_on == "public":
             plans[stage.name].select_data = _materialise(cfg, stage, cache_dir, cfg.select_data(stage))[0]
     return plans

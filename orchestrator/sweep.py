@@ -29,7 +29,7 @@ from orchestrator.tracking import (ROLE, TRIAL_KEY, MlflowTrialLogger, client_fo
 from orchestrator.trial import DRIVER_CPUS, run_trial
 from search_spaces import build_param_space, build_search_alg
 
-STAGE_KEYS_NOT_TRAINED = {"name", "needs", "select", "init_from", "data", "search"}
+STAGE_KEYS_NOT_TRAINED = {"name", "needs", "select", "init_from", "data", "search", "privacy"}
 
 
 def _save_state(out: Path, state: dict) -> None:
@@ -64,6 +64,7 @@ def _trial_rows(grid, metric: str) -> list[dict]:
                      "dp": bool(dp), "sigma": m.get("privacy.noise_multiplier"), "q": m.get("privacy.sample_rate"),
                      "steps": m.get("privacy/steps"), "epoch": m.get("epoch"),
                      "select_sigma": m.get("select.noise_multiplier"),
+                     "unit": m.get("privacy.unit", "record"), "group_size": m.get("privacy.group_size"),
                      "dp_release": bool(dp) and not stage_cfg.get("dp", {}).get("reproducible"),
                      # trained with canaries (stage `audit`): never selected, never a released model
                      "audit": bool(stage_cfg.get("audit"))})
@@ -86,11 +87,13 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
     stage_dict = stage.model_dump(exclude=STAGE_KEYS_NOT_TRAINED)
     meta = {**meta_base, "stage": stage.name, "data": plan.data.model_dump(), "run_prefix": name,
             "needs": upstream.get("needs"), "init_from": upstream.get("init_from"),
-            "scale_data": upstream.get("scale_data"), "select": selection_meta(plan, meta_base)}
+            "scale_data": upstream.get("scale_data"), "select": selection_meta(plan, meta_base), "unit": plan.unit}
     space = {"stage": build_param_space(stage_dict, stage.search)}
     extra = {"data.root": plan.data.root, "data.private": plan.data.private, "data.n_train": plan.n_train,
              "data.labels": ",".join(plan.data.labels), "data.shape": "x".join(map(str, plan.data.shape)),
-             "cluster.workers_per_trial": meta_base["workers"]}
+             "cluster.workers_per_trial": meta_base["workers"], "privacy.unit": plan.unit}
+    if plan.n_subjects is not None:
+        extra.update({"data.n_subjects": plan.n_subjects, "data.max_volumes_per_subject": plan.group_size})
     for key in ("needs", "init_from"):
         if upstream.get(key):
             extra[f"upstream.{key}"] = upstream[key]
@@ -136,7 +139,9 @@ def selection_meta(plan: StagePlan, meta_base: dict) -> dict | None:
     if s.select_on == "public":
         out.update(data=plan.select_data.model_dump(), cache_dir=meta_base["cache_dir"])
     else:
-        out.update(clip=s.select_dp.clip, noise_multiplier=s.select_dp.noise_multiplier)
+        # unit subject: one subject moves the clipped sum by up to (its volumes) x clip
+        group = (plan.val_group_size or 1) if plan.unit == "subject" else 1
+        out.update(clip=s.select_dp.clip, noise_multiplier=s.select_dp.noise_multiplier, group=group)
     return out
 
 

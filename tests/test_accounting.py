@@ -30,7 +30,8 @@ def test_random_trial_count_is_drawn_once_and_priced_by_repeat_and_select(tmp_pa
 
     rows = [{"key": f"p/ae/{i}", "stage": "ae", "trial_id": str(i), "dp": True, "sigma": s, "q": 8 / 80,
              "steps": 20, "private": True, "data": "/d"} for i, s in enumerate((0.9, 1.4))]
-    plan = SimpleNamespace(data=SimpleNamespace(root="/d", private=True), n_train=80)
+    plan = SimpleNamespace(data=SimpleNamespace(root="/d", private=True), n_train=80, n_units=80, unit="record",
+                           val_group_size=None)
     book = accounting.stage_tuning(stage, plan, rows, 1e-5, "rdp", state["num_samples"]["ae"])
     cands = [[ledger.Mechanism(s, 0.1, 20, data="/d")] for s in (0.9, 1.4)]
     assert book["epsilon_repeat_and_select"] == pytest.approx(
@@ -55,7 +56,8 @@ def test_ledger_outputs_on_the_runs(tmp_path):
          "search": {"parameters": {"dp.noise_multiplier": {"values": [0.9, 1.4]}}}},
         {"name": "ldm", "needs": "ae", "model": {"kind": "ldm"}, "dp": {"enabled": False}}]})
     data = SimpleNamespace(root="/d", private=True)
-    plans = {s.name: SimpleNamespace(stage=s, data=data, n_train=80, select_data=None) for s in cfg.stages}
+    plans = {s.name: SimpleNamespace(stage=s, data=data, n_train=80, n_units=80, unit="record",
+                                    val_group_size=None, select_data=None) for s in cfg.stages}
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     exp = client.create_experiment("books")
     parent = client.create_run(exp, tags={"orchestrator.role": "sweep"}).info.run_id

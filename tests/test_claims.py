@@ -45,8 +45,8 @@ def test_noise_multiplicity_runs_through_the_training_loop(monkeypatch, tmp_path
     calls = []
     backward = DPStepper.backward
 
-    def spy(self, per_sample_loss, rows_per_sample=1):
-        backward(self, per_sample_loss, rows_per_sample)
+    def spy(self, per_sample_loss, rows_per_sample=1, units=None):
+        backward(self, per_sample_loss, rows_per_sample, units)
         calls.append((len(per_sample_loss), rows_per_sample, self.params[0].grad_sample.shape[0]))
 
     monkeypatch.setattr(DPStepper, "backward", spy)
@@ -65,7 +65,7 @@ def test_target_epsilon_is_planned_so_the_run_ends_there(monkeypatch, tmp_path, 
     reports = run_loop(monkeypatch, tmp_path, stage, private_data)
     m = reports[-1][0]
     sigma, q, steps = m["privacy.noise_multiplier"], m["privacy.sample_rate"], m["privacy/steps"]
-    assert steps == m["privacy.steps_planned"] == 2 * 3          # 10 training volumes, q = 0.4
+    assert steps == m["privacy.steps_planned"] == 2 * 2          # 8 training volumes, q = 0.5
     assert m["privacy/epsilon"] == pytest.approx(4.0, abs=0.02)
     assert m["privacy/epsilon"] <= 4.0 + 1e-9                     # never above the target
     assert independent_epsilon(sigma, q, steps, 1e-3, "rdp") == pytest.approx(4.0, rel=0.01)

@@ -128,7 +128,8 @@ def test_ledger_groups_by_dataset(tmp_path):
     both = ledger_for(a + b + unknown, DELTA, "rdp")["datasets"]
     assert both["/data/a"]["epsilon"] == compose_epsilon(a + unknown, DELTA, "rdp")
     assert both["/data/b"]["epsilon"] == compose_epsilon(b + unknown, DELTA, "rdp")
-    assert ledger_for([], DELTA, "prv") == {"accountant": "prv", "delta": DELTA, "datasets": {}, "epsilon_total": 0.0}
+    assert ledger_for([], DELTA, "prv") == {"accountant": "prv", "delta": DELTA, "datasets": {}, "epsilon_total": 0.0,
+                                            "epsilon_total_subject": 0.0}
     # round trip through the atomic writer
     p = write_ledger_json(tmp_path / "sub" / "ledger.json", out)
     assert json.loads(p.read_text()) == out

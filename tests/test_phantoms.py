@@ -20,7 +20,8 @@ def _load(root):
         items = []
         for rel in idx:
             with np.load(root / rel, allow_pickle=False) as z:
-                assert sorted(z.files) == ["image", "labels"]
+                assert sorted(z.files) == ["image", "labels", "subject"]
+                assert str(z["subject"]) in str(rel)
                 items.append((str(rel), z["image"], z["labels"]))
         out[split] = items
     return out
@@ -35,17 +36,19 @@ def _samples(n, variant="private", seed=1, shape=SHAPE):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms") / "data"
-    summary = P.synthesize(root, n=20, shape=SHAPE, seed=3)
+    summary = P.synthesize(root, n=21, shape=SHAPE, seed=3)
     return root, summary
 
 
 def test_format(dataset):
     root, summary = dataset
-    assert summary["n"] == 20 and summary["labels"] == P.LABELS
-    assert summary["splits"] == {"training": 16, "validation": 2, "testing": 2}
+    assert summary["n"] == 21 and summary["labels"] == P.LABELS
+    # 11 subjects (the last imaged at ED only), split by subject 9 / 1 / 1
+    assert summary["subjects"] == {"training": 9, "validation": 1, "testing": 1}
+    assert summary["splits"] == {"training": 18, "validation": 2, "testing": 1}
     data = _load(root)
     paths = [p for items in data.values() for p, _, _ in items]
-    assert len(paths) == len(set(paths)) == 20          # splits are disjoint and complete
+    assert len(paths) == len(set(paths)) == 21          # splits are disjoint and complete
     for rel, image, labels in (x for items in data.values() for x in items):
         assert not rel.startswith("/") and rel.startswith("samples/") and rel.endswith(".npz")
         assert image.dtype == np.float32 and image.shape == SHAPE
@@ -53,26 +56,50 @@ def test_format(dataset):
         assert np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0
         assert np.isfinite(labels).all()
         edv, esv, ef, th_ed, th_es, esed = labels
-        assert esed in (0.0, 1.0) and esv < edv and th_es > th_ed
+        assert esed == (1.0 if rel.endswith("_es.npz") else 0.0) and esv < edv and th_es > th_ed
         assert ef == pytest.approx(100 * (edv - esv) / edv, rel=1e-4)
+
+
+def test_subjects_two_frames_one_split(dataset):
+    """Each subject: an ED and an ES volume, labels equal but ESED, images of one heart at two
+    phases (different pictures), all in one split; the pattern finds the subject in the path."""
+    import re
+
+    root, _ = dataset
+    by_subject = {}
+    for split, items in _load(root).items():
+        for rel, image, labels in items:
+            sid = re.search(P.SUBJECT_PATTERN, rel).group(1)
+            by_subject.setdefault(sid, []).append((split, rel, image, labels))
+    assert len(by_subject) == 11
+    for sid, vols in by_subject.items():
+        assert len({v[0] for v in vols}) == 1, sid           # never two splits
+        if len(vols) == 2:
+            (_, _, im_ed, lab_ed), (_, _, im_es, lab_es) = sorted(vols, key=lambda v: v[1])
+            np.testing.assert_array_equal(lab_ed[:5], lab_es[:5])
+            assert (lab_ed[5], lab_es[5]) == (0.0, 1.0)
+            assert not np.array_equal(im_ed, im_es)
+            # the measured phase of each frame follows its label
+            assert P.measure_labels(im_ed)["ESED"] == 0.0 and P.measure_labels(im_es)["ESED"] == 1.0
+    assert sum(len(v) == 1 for v in by_subject.values()) == 1   # n odd: the last subject has ED only
 
 
 def test_deterministic_and_order_independent(dataset, tmp_path):
     root, _ = dataset
-    P.synthesize(tmp_path / "a", n=5, shape=SHAPE, seed=3)   # fewer samples: same first ones
-    for name in ("samples/000000.npz", "samples/000004.npz"):
+    P.synthesize(tmp_path / "a", n=6, shape=SHAPE, seed=3)   # fewer subjects: same first ones
+    for name in ("samples/s000000_ed.npz", "samples/s000002_es.npz"):
         with np.load(root / name) as a, np.load(tmp_path / "a" / name) as b:
             np.testing.assert_array_equal(a["image"], b["image"])
             np.testing.assert_array_equal(a["labels"], b["labels"])
-    P.synthesize(tmp_path / "b", n=5, shape=SHAPE, seed=4)
-    with np.load(root / "samples/000000.npz") as a, np.load(tmp_path / "b/samples/000000.npz") as b:
+    P.synthesize(tmp_path / "b", n=6, shape=SHAPE, seed=4)
+    with np.load(root / "samples/s000000_ed.npz") as a, np.load(tmp_path / "b/samples/s000000_ed.npz") as b:
         assert not np.array_equal(a["image"], b["image"])
 
 
 @pytest.mark.parametrize("shape", [(13, 96, 96), (8, 33, 35), (5, 16, 16)])
 def test_any_shape(tmp_path, shape):
-    s = P.synthesize(tmp_path / "d", n=3, shape=shape, seed=0)
-    assert s["splits"] == {"training": 1, "validation": 1, "testing": 1}
+    s = P.synthesize(tmp_path / "d", n=6, shape=shape, seed=0)
+    assert s["splits"] == {"training": 2, "validation": 2, "testing": 2}
     for items in _load(tmp_path / "d").values():
         _, image, labels = items[0]
         assert image.shape == shape and 0.0 <= image.min() and image.max() <= 1.0
@@ -146,26 +173,27 @@ def test_public_variant_shifts_distribution():
 
 
 def test_refuses_too_small_n_and_bad_variant(tmp_path):
-    with pytest.raises(P.UserError, match="at least 3"):
-        P.synthesize(tmp_path / "x", n=2)
+    with pytest.raises(P.UserError, match="at least 6"):
+        P.synthesize(tmp_path / "x", n=5)
     with pytest.raises(P.UserError, match="variant"):
-        P.synthesize(tmp_path / "x", n=3, variant="other")
+        P.synthesize(tmp_path / "x", n=6, variant="other")
 
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert CLI.main([str(out), "--n", "4", "--shape", "8", "24", "24", "--seed", "2", "--variant", "public"]) == 0
+    assert CLI.main([str(out), "--n", "8", "--shape", "8", "24", "24", "--seed", "2", "--variant", "public"]) == 0
     line = capsys.readouterr().out.strip()
-    assert "\n" not in line and "4" in line and str(out) in line
-    assert np.load(out / "training.npy").shape == (2,)
+    assert "\n" not in line and "8" in line and str(out) in line
+    assert np.load(out / "training.npy").shape == (4,)
 
-    assert CLI.main([str(out), "--n", "4", "--shape", "8", "24", "24"]) == 2   # exists, no --overwrite
+    assert CLI.main([str(out), "--n", "8", "--shape", "8", "24", "24"]) == 2   # exists, no --overwrite
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "--overwrite" in err
 
-    assert CLI.main([str(out), "--n", "3", "--shape", "8", "24", "24", "--overwrite"]) == 0
+    assert CLI.main([str(out), "--n", "6", "--shape", "8", "24", "24", "--overwrite"]) == 0
     capsys.readouterr()
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["000000.npz", "000001.npz", "000002.npz"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"s00000{j}_{p}.npz" for j in range(3)
+                                                                   for p in ("ed", "es")]
 
     for argv in ([str(out), "--n", "abc"], [str(out), "--shape", "8", "24"], [str(tmp_path / "y"), "--n", "1"],
                  [str(tmp_path / "y"), "--variant", "nope"]):

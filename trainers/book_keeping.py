@@ -29,7 +29,7 @@ from opacus.utils.module_utils import trainable_parameters
 
 from trainers import grad_samplers as gs
 from opacus.validators import ModuleValidator
-from trainers.privacy import GhostDPStepper, Stepper
+from trainers.privacy import GhostDPStepper, Stepper, row_units
 
 # Layers whose batch weight gradient is skipped in the backward (see the module docstring).
 CONVS = (nn.Conv3d, nn.ConvTranspose3d)
@@ -105,28 +105,34 @@ class BookKeepingDPStepper(GhostDPStepper):
         self._init_accounting(accountant, sample_rate, noise_multiplier, noise_seed)
         self._summed = None
 
-    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1) -> None:
+    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1,
+                 units: Optional[torch.Tensor] = None) -> None:
+        """`rows_per_sample`: K rows (noise draws) per sample; `units`: each sample's unit of
+        privacy in this micro-batch (a subject); a unit's rows are summed, then clipped once."""
         k = rows_per_sample
+        rows = row_units(len(per_sample_loss), k, units)   # None: one row = one unit
+        n_units = len(per_sample_loss) if units is None else int(units.max()) + 1
         per_sample_loss.sum().backward()  # the one backward: hooks instantiate or book-keep
         ghosts, self.module.ghost_layers = self.module.ghost_layers, []
-        # Squared norm of each sample's whole gradient: instantiated layers, then ghost layers.
-        sq = torch.zeros(len(per_sample_loss), device=per_sample_loss.device)
+        # Squared norm of each unit's whole gradient: instantiated layers, then ghost layers.
+        sq = torch.zeros(n_units, device=per_sample_loss.device)
         per_sample = {}
         for p in self.params:
             g = getattr(p, "grad_sample", None)
             if g is None:
                 continue
-            if k > 1:  # a sample's gradient is the sum of its K rows' gradients
-                g = g.view(-1, k, *g.shape[1:]).sum(1)
+            if rows is not None:  # a unit's gradient is the sum of its rows' gradients
+                g = g.new_zeros((n_units, *g.shape[1:])).index_add_(0, rows.to(g.device), g)
             per_sample[p] = g
             sq += g.flatten(1).pow(2).sum(1).to(sq.dtype)
         for module, x, g in ghosts:
-            sq += gs.ghost_sq_norms(module, x, g, k).to(sq.dtype)
+            sq += gs.ghost_sq_norms(module, x, g, k if units is None else rows).to(sq.dtype)
         coef = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         # The clipped sum from what the backward produced.
         clipped = {p: torch.einsum("b,b...->...", coef.to(g.dtype), g) for p, g in per_sample.items()}
+        coef_rows = coef if rows is None else coef[rows.to(coef.device)]
         for module, x, g in ghosts:
-            clipped.update(gs.clipped_sum(module, x, g, coef.repeat_interleave(k)))
+            clipped.update(gs.clipped_sum(module, x, g, coef_rows))
         missing = [p for p in self.params if p not in clipped]
         if missing:
             raise RuntimeError(f"{len(missing)} parameter(s) got no per-sample gradient (first: {tuple(missing[0].shape)})")

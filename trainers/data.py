@@ -6,6 +6,11 @@ A sample is an ``.npz`` with ``image`` (D, H, W) and ``labels`` (L,), or a
 ``.npy`` holding a pickled dict with those keys (only with ``allow_pickle``,
 because unpickling runs arbitrary code). NaN labels mean "unknown".
 
+Subjects (the unit of privacy with ``privacy.unit: subject``, and the people that group
+privacy counts): ``data.subject_pattern`` (a regex whose first group, searched in the
+sample's path, is the subject id) or a ``subject`` entry in the sample file (a string or
+integer). A subject's volumes must all lie in one split.
+
 Validation runs before any Ray worker starts, so a bad file fails the launch
 with one readable line instead of a traceback deep inside a trial hours later.
 It must stay cheap on thousands of volumes: every file is read exactly once
@@ -18,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -32,7 +39,7 @@ SPLITS = ("training", "validation", "testing")
 SAMPLE_SUFFIXES = (".npz", ".npy")
 PRELOAD_LIMIT_BYTES = 2 * 1024**3
 _CACHE_FILE = "dataset_validation_cache.json"
-_CACHE_VERSION = 1  # bump when the checks change so old "valid" verdicts are dropped
+_CACHE_VERSION = 2  # bump when the checks change so old "valid" verdicts are dropped
 
 
 @dataclass
@@ -41,20 +48,43 @@ class DatasetIndex:
     splits: dict[str, list[Path]]  # absolute, resolved sample paths per split
     label_names: list[str]
     shape: tuple[int, int, int]
+    subjects: Optional[dict[str, list[str]]] = None   # subject id of each sample per split; None: not declared
 
     def n(self, split: str) -> int:
         return len(self.splits[split])
+
+    def n_subjects(self, split: str) -> Optional[int]:
+        return len(set(self.subjects[split])) if self.subjects else None
+
+    def group_size(self, split: str) -> Optional[int]:
+        """The most volumes one subject has in `split` (group privacy's k); None without subjects."""
+        if not self.subjects:
+            return None
+        counts: dict[str, int] = {}
+        for s in self.subjects[split]:
+            counts[s] = counts.get(s, 0) + 1
+        return max(counts.values(), default=0)
+
+    def units(self, split: str) -> Optional[list[np.ndarray]]:
+        """The sample indices of each subject of `split`, in order of first appearance."""
+        if not self.subjects:
+            return None
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(self.subjects[split]):
+            groups.setdefault(s, []).append(i)
+        return [np.asarray(v, dtype=np.int64) for v in groups.values()]
 
 
 def _pickle_hint(name: str) -> str:
     return f"{name} is a pickled object; pickles can run code when loaded, so set `data.allow_pickle: true` only if the file is trusted"
 
 
-def _load_raw(path: Path, name: str, allow_pickle: bool) -> tuple[np.ndarray, np.ndarray]:
+def _load_raw(path: Path, name: str, allow_pickle: bool) -> tuple[np.ndarray, np.ndarray, Optional[str]]:
     """Read one sample file and check its structure; values are checked by the caller.
 
     ``name`` is how the file is shown in errors (as the user wrote it).
-    Returns the arrays with their stored dtypes so dtype problems can be reported.
+    Returns the arrays with their stored dtypes so dtype problems can be reported, and the
+    sample's own `subject` entry (None when it has none).
     """
     suffix = path.suffix.lower()
     if suffix not in SAMPLE_SUFFIXES:
@@ -76,14 +106,14 @@ def _load_raw(path: Path, name: str, allow_pickle: bool) -> tuple[np.ndarray, np
                 missing = [k for k in ("image", "labels") if k not in z.files]
                 if missing:
                     raise DataError(f"{name}: npz is missing key(s) {missing} (found {sorted(z.files)}); expected keys 'image' and 'labels'")
-                arrays = {}
-                for key in ("image", "labels"):
+                arrays = {"subject": None}
+                for key in ("image", "labels") + (("subject",) if "subject" in z.files else ()):
                     try:
                         arrays[key] = z[key]
                     except ValueError:  # object array stored inside the npz
                         raise DataError(f"{name}: array {key!r} is a pickled object array; expected a numeric array") from None
                 z.close()
-            image, labels = arrays["image"], arrays["labels"]
+            image, labels, subject = arrays["image"], arrays["labels"], arrays["subject"]
         else:
             obj = np.load(path, allow_pickle=True)
             if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0:
@@ -91,7 +121,7 @@ def _load_raw(path: Path, name: str, allow_pickle: bool) -> tuple[np.ndarray, np
             if not isinstance(obj, dict) or not {"image", "labels"} <= obj.keys():
                 found = f"dict with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else f"{type(obj).__name__}"
                 raise DataError(f"{name}: .npy sample holds a {found}; expected a pickled dict with keys 'image' and 'labels'")
-            image, labels = np.asarray(obj["image"]), np.asarray(obj["labels"])
+            image, labels, subject = np.asarray(obj["image"]), np.asarray(obj["labels"]), obj.get("subject")
     except DataError:
         raise
     except Exception as e:  # zip/pickle/format errors: report, don't crash with a traceback
@@ -104,19 +134,30 @@ def _load_raw(path: Path, name: str, allow_pickle: bool) -> tuple[np.ndarray, np
         raise DataError(f"{name}: labels have shape {tuple(labels.shape)}; expected a 1-D array of label values")
     if labels.dtype.kind not in "biuf":
         raise DataError(f"{name}: labels have dtype {labels.dtype} (e.g. {labels.ravel()[:3].tolist()}); expected numeric labels (NaN for unknown)")
-    return image, labels
+    return image, labels, _subject_id(subject, name)
+
+
+def _subject_id(value, name: str) -> Optional[str]:
+    """A sample file's `subject` entry as a string id: one string or integer."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.size != 1 or arr.dtype.kind not in "Uiu":
+        raise DataError(f"{name}: `subject` is {arr.dtype} of shape {arr.shape}; expected one string or integer "
+                        "subject id")
+    return str(arr.reshape(()).item())
 
 
 def read_sample(path, allow_pickle: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(image float32 (D, H, W), labels float32 (L,)); NaN labels are kept."""
     path = Path(path)
-    image, labels = _load_raw(path, str(path), allow_pickle)
+    image, labels, _ = _load_raw(path, str(path), allow_pickle)
     return np.asarray(image, dtype=np.float32), np.asarray(labels, dtype=np.float32)
 
 
 def _summarize(path: Path, name: str, allow_pickle: bool) -> dict:
     """Content checks that depend only on the file (so they can be cached)."""
-    image, labels = _load_raw(path, name, allow_pickle)
+    image, labels, subject = _load_raw(path, name, allow_pickle)
     # min/max propagate NaN and expose inf, so two reductions also cover finiteness.
     lo, hi = float(image.min()), float(image.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -129,7 +170,8 @@ def _summarize(path: Path, name: str, allow_pickle: bool) -> dict:
     # sha256 (hardware-accelerated, ~2x blake2b here); only accidental duplicates matter.
     digest = hashlib.sha256(f"{image.dtype.str}{image.shape}".encode())
     digest.update(memoryview(np.ascontiguousarray(image)).cast("B"))
-    return {"shape": list(image.shape), "n_labels": int(labels.shape[0]), "hash": digest.hexdigest()[:32]}
+    return {"shape": list(image.shape), "n_labels": int(labels.shape[0]), "hash": digest.hexdigest()[:32],
+            "subject": subject}
 
 
 def _load_cache(cache_dir) -> dict:
@@ -187,8 +229,12 @@ def _read_index(index_file: Path, shown: str, split: str, allow_pickle: bool) ->
 
 
 def validate_dataset(root, label_names, shape, allow_pickle: bool = False, splits=SPLITS,
-                     cache_dir=None, workers: int | None = None) -> DatasetIndex:
-    """Check the whole dataset up front; raise DataError on the first problem."""
+                     cache_dir=None, workers: int | None = None, subject_pattern: Optional[str] = None) -> DatasetIndex:
+    """Check the whole dataset up front; raise DataError on the first problem.
+
+    `subject_pattern`: a regex whose first group, searched in each sample's path as the
+    index file writes it, is the sample's subject; without it, samples that carry a
+    `subject` entry declare their subjects (all of them must)."""
     shape = tuple(int(s) for s in shape)
     label_names = list(label_names)
     root_abs = Path(root).expanduser().resolve()
@@ -198,6 +244,7 @@ def validate_dataset(root, label_names, shape, allow_pickle: bool = False, split
 
     # (split, shown name, resolved path) in index order, so "first problem" is deterministic.
     samples: list[tuple[str, str, Path]] = []
+    written_paths: list[str] = []
     for split in splits:
         index_file = root_abs / f"{split}.npy"
         for written in _read_index(index_file, str(Path(root) / f"{split}.npy"), split, allow_pickle):
@@ -205,6 +252,7 @@ def validate_dataset(root, label_names, shape, allow_pickle: bool = False, split
             resolved = (p if p.is_absolute() else root_abs / p).resolve()
             shown = written if str(resolved) == written else f"{written} ({resolved})"
             samples.append((split, f"{split} sample {shown}", resolved))
+            written_paths.append(written)
 
     cache = _load_cache(cache_dir)
     live: dict[str, dict] = {}  # keys seen this run (cache hits and fresh reads)
@@ -263,7 +311,40 @@ def validate_dataset(root, label_names, shape, allow_pickle: bool = False, split
     index: dict[str, list[Path]] = {s: [] for s in splits}
     for split, _, path in samples:
         index[split].append(path)
-    return DatasetIndex(root=root_abs, splits=index, label_names=label_names, shape=shape)
+    subjects = _subjects(samples, written_paths, summaries, subject_pattern, splits)
+    return DatasetIndex(root=root_abs, splits=index, label_names=label_names, shape=shape, subjects=subjects)
+
+
+def _subjects(samples, written_paths, summaries, pattern: Optional[str], splits) -> Optional[dict[str, list[str]]]:
+    """The subject of every sample per split, or None when the dataset declares none. A
+    subject in two splits is a train/test leak of a person (refused)."""
+    if pattern is not None:
+        regex = re.compile(pattern)
+        ids = []
+        for (_, name, _), written in zip(samples, written_paths):
+            m = regex.search(written)
+            if m is None or not m.groups() or m.group(1) is None or m.group(1) == "":
+                raise DataError(f"{name}: path does not match data.subject_pattern {pattern!r}; expected the "
+                                "subject id as the pattern's first group")
+            ids.append(m.group(1))
+    else:
+        ids = [summary.get("subject") for summary in summaries]
+        if all(i is None for i in ids):
+            return None
+        missing = next((i for i, v in enumerate(ids) if v is None), None)
+        if missing is not None:
+            raise DataError(f"{samples[missing][1]} has no `subject` entry while other samples do; expected every "
+                            "sample to name its subject (or set data.subject_pattern)")
+    first_split: dict[str, str] = {}
+    for (split, name, _), sid in zip(samples, ids):
+        other = first_split.setdefault(sid, split)
+        if other != split:
+            raise DataError(f"subject {sid!r} has volumes in the {other} and {split} splits ({name}) - a person in "
+                            "two splits leaks between them; expected all of a subject's volumes in one split")
+    out: dict[str, list[str]] = {s: [] for s in splits}
+    for (split, _, _), sid in zip(samples, ids):
+        out[split].append(sid)
+    return out
 
 
 class VolumeDataset(torch.utils.data.Dataset):

@@ -162,15 +162,31 @@ def ghost_is_cheaper(layer: nn.Module, t: int) -> bool:
     return t * (p + d) <= p * d
 
 
-def _rows_as_positions(a: torch.Tensor, g: torch.Tensor, rows_per_sample: int):
-    """[rows, T, .] -> [samples, rows_per_sample * T, .]: a sample's gradient sums its rows."""
-    k = rows_per_sample
-    return a.reshape(a.shape[0] // k, k * a.shape[1], a.shape[2]), g.reshape(g.shape[0] // k, k * g.shape[1], g.shape[2])
+def _rows_as_positions(a: torch.Tensor, g: torch.Tensor, rows):
+    """[rows, T, .] -> [units, R * T, .]: a unit's gradient sums its rows, so its rows' positions
+    are positions of one unit. `rows`: K rows per unit (an int), or the unit of each row (a
+    tensor; a subject's volumes, each possibly K rows): units with fewer than R rows are
+    padded with zero rows, which add nothing to a Gram matrix."""
+    if isinstance(rows, int):
+        k = rows
+        return a.reshape(a.shape[0] // k, k * a.shape[1], a.shape[2]), g.reshape(g.shape[0] // k, k * g.shape[1], g.shape[2])
+    units = rows.to(a.device).long()
+    counts = torch.bincount(units)
+    order = torch.argsort(units, stable=True)
+    slot = torch.arange(len(units), device=a.device) - (torch.cumsum(counts, 0) - counts)[units[order]]
+    out = []
+    for t in (a, g):
+        padded = t.new_zeros((len(counts), int(counts.max()), *t.shape[1:]))
+        padded[units[order], slot] = t[order]
+        out.append(padded.reshape(len(counts), -1, t.shape[2]))
+    return out[0], out[1]
 
 
-def ghost_sq_norms(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, rows_per_sample: int = 1) -> torch.Tensor:
-    """[samples]: squared norm of each sample's gradient over the layer's weight and bias,
-    from Gram matrices of activations and output gradients (no per-sample gradient)."""
+def ghost_sq_norms(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, rows_per_sample=1) -> torch.Tensor:
+    """[units]: squared norm of each unit's gradient over the layer's weight and bias, from
+    Gram matrices of activations and output gradients (no per-sample gradient). A unit is a
+    sample of `rows_per_sample` rows (an int), or, given the unit of each row (a tensor), a
+    subject's rows."""
     x = x.to(g.dtype)
     if isinstance(layer, nn.Linear):
         a, gg = x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])

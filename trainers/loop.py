@@ -33,7 +33,8 @@ from trainers.checkpoints import CHECKPOINT_FILE, WeightEMA, adapter_from_record
 from trainers.data import VolumeDataset, collate, validate_dataset
 from trainers.generators import freeze_all_but_attention, resolve_latent_scale, write_sample_grid
 from trainers.trial_eval import evaluate_trial
-from trainers.privacy import PoissonSampler, PrivacyFacts, make_dp_stepper, plan_privacy, ShuffleSampler, Stepper
+from trainers.privacy import (PoissonSampler, PrivacyFacts, ShuffleSampler, Stepper, make_dp_stepper, microbatches,
+                              plan_privacy, unit_ids)
 from trainers.validation import all_sum, mean_losses, selection_metrics
 
 
@@ -110,7 +111,7 @@ def setup(config: dict) -> Trial:
     torch.set_num_threads(max(1, int(meta.get("cpus_per_worker", 1))))
 
     index = validate_dataset(data.root, data.labels, tuple(data.shape), allow_pickle=data.allow_pickle,
-                             cache_dir=meta.get("cache_dir"))
+                             cache_dir=meta.get("cache_dir"), subject_pattern=data.subject_pattern)
     split = lambda name, **kw: VolumeDataset(index.splits[name], len(data.labels),  # noqa: E731
                                              allow_pickle=data.allow_pickle, **kw)
     train_set, val_set, test_set = split("training"), split("validation"), split("testing", preload=False)
@@ -145,17 +146,22 @@ def setup(config: dict) -> Trial:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=stage.train.lr,
                                  weight_decay=stage.train.weight_decay)
 
-    facts = None
+    facts, n_units = None, n_train
     if stage.dp.enabled:
-        facts = plan_privacy(stage, n_train, meta["delta"], meta["accountant"])
+        # The unit of privacy: a record, or a subject with all of its training volumes.
+        unit = meta.get("unit", "record")
+        units = index.units("training") if unit == "subject" else None
+        n_units = len(units) if units is not None else n_train
+        facts = plan_privacy(stage, n_units, meta["delta"], meta["accountant"], unit=unit,
+                             group_size=index.group_size("training"))
         # DP noise and Poisson batches come from OS entropy; only dp.reproducible (not a DP
         # release) derives them from the logged train.seed.
         secret = None if not stage.dp.reproducible else stage.train.seed
         stepper = make_dp_stepper(stage.dp.grad_sample_mode, stage.model.kind, model, optimizer, world,
                                   noise_multiplier=facts.noise_multiplier, max_grad_norm=facts.max_grad_norm,
-                                  sample_rate=facts.sample_rate, n_train=n_train, accountant=facts.accountant,
+                                  sample_rate=facts.sample_rate, n_train=n_units, accountant=facts.accountant,
                                   noise_seed=secret)
-        sampler = PoissonSampler(n_train, stage.train.batch_size, rank, world, secret)
+        sampler = PoissonSampler(n_train, stage.train.batch_size, rank, world, secret, units=units)
     else:
         stepper = Stepper(model, optimizer, world)
         sampler = ShuffleSampler(n_train, stage.train.batch_size, rank, world, stage.train.seed)
@@ -166,18 +172,24 @@ def setup(config: dict) -> Trial:
     return Trial(meta=meta, stage=stage, data=data, rank=rank, world=world, device=device, train_set=train_set,
                  val_set=val_set, test_set=test_set, adapter=adapter, optimizer=optimizer, stepper=stepper,
                  sampler=sampler, facts=facts, ema=ema, extra_state=extra_state, params=params,
-                 canaries=add_canaries(stage, stepper, optimizer, facts, n_train, rank, world))
+                 canaries=add_canaries(stage, stepper, optimizer, facts, n_units, rank, world,
+                                       adapter=adapter, data=data, device=device))
 
 
-def add_canaries(stage: StageConfig, stepper, optimizer, facts, n_train: int, rank: int, world: int):
-    """`audit`: canaries ride on every DP step from the first to the last (trainers/audit.py).
-    A restarted trial draws new ones: its audit covers the steps since the restart."""
+def add_canaries(stage: StageConfig, stepper, optimizer, facts, n_train: int, rank: int, world: int, *,
+                 adapter, data: DataConfig, device):
+    """`audit`: canaries ride on every DP step from the first to the last (trainers/audit.py):
+    gradient canaries on the plain optimizer's step, input canaries as extra micro-batches
+    before each step's final microbatch_done. Their secret state is in the checkpoint, so a
+    restarted trial continues the same audit."""
     if stage.audit is None:
         return None
-    from trainers.audit import GradientCanaries
+    from trainers.audit import GradientCanaries, InputCanaries
 
-    if stage.audit.kind != "gradient":
-        raise ValueError(f"audit.kind: {stage.audit.kind!r} canaries are not implemented yet; use gradient")
+    if stage.audit.kind == "input":
+        return InputCanaries(stage.audit.canaries, tuple(data.shape), len(data.labels), sample_rate=facts.sample_rate,
+                             physical_batch_size=stage.train.physical_batch_size, rank=rank,
+                             world_size=world).attach(stepper, adapter, device)
     return GradientCanaries(stepper.params, stage.audit.canaries, max_grad_norm=facts.max_grad_norm,
                             sample_rate=facts.sample_rate, expected_batch=facts.sample_rate * n_train,
                             rank=rank, world_size=world).attach(optimizer)
@@ -200,6 +212,8 @@ def restore(trial: Trial) -> None:
         trial.ema.load_state_dict(state["ema_model"])
     trial.start_epoch = int(state["epoch"])
     trial.history = list(state.get("history") or [])
+    if trial.canaries is not None and state.get("audit"):
+        trial.canaries.load_state_dict(state["audit"])   # the same canaries, scores and steps
     trial.say(f"resumed from epoch {trial.start_epoch}"
               + (f", {trial.stepper.steps} DP steps already accounted" if trial.stepper.dp else ""))
     if trial.history:
@@ -231,17 +245,18 @@ def train_epoch(trial: Trial, epoch: int) -> dict:
         stepper.seed_noise(epoch, trial.rank)   # dp.reproducible only
     sums: dict[str, float] = {}
     seen = 0
+    unit_of = getattr(trial.sampler, "unit_of", None)   # privacy.unit subject: record -> subject
     for step, local in enumerate(trial.sampler.epoch(epoch)):
         if max_steps and step >= max_steps:
             break
-        chunks = [local[i:i + pbs] for i in range(0, len(local), pbs)] or [local]
+        chunks = microbatches(local, pbs, unit_of)   # a subject is never split
         for j, chunk in enumerate(chunks):
             if len(chunk) == 0:
                 stepper.empty_microbatch()
             else:
                 batch = collate(trial.train_set, chunk, trial.device)
                 loss, parts = adapter.per_sample_loss(stepper.module, batch)
-                stepper.backward(loss, getattr(adapter, "rows_per_sample", 1))
+                stepper.backward(loss, getattr(adapter, "rows_per_sample", 1), units=unit_ids(chunk, unit_of))
                 for k, v in {"loss": loss, **parts}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach().sum())
                 seen += len(chunk)
@@ -267,6 +282,9 @@ def validate(trial: Trial, epoch: int) -> dict:
     if trial.facts is not None:
         metrics.update({"privacy/epsilon": trial.stepper.epsilon(trial.facts.delta),
                         "privacy/steps": trial.stepper.steps, **trial.facts.as_result()})
+        subject = trial.facts.subject_epsilon(trial.stepper.history)   # the patient's, beside the record's
+        if subject is not None:
+            metrics["privacy/epsilon_subject"] = subject
         if trial.recovered_steps:   # the console says so (orchestrator/progress.py)
             metrics["privacy/steps_recovered"] = trial.recovered_steps
     if trial.canaries is not None and epoch + 1 == trial.stage.train.epochs:
@@ -285,6 +303,8 @@ def report(trial: Trial, epoch: int, metrics: dict) -> None:
         return
     stage, net = trial.stage, trial.stepper.network
     eps = f" eps={metrics['privacy/epsilon']:.3f} steps={metrics['privacy/steps']}" if trial.facts else ""
+    if "privacy/epsilon_subject" in metrics and trial.facts.unit == "record":
+        eps += f" eps_subject={metrics['privacy/epsilon_subject']:.3f}"
     if "audit/epsilon_lower" in metrics:
         eps += f" audited eps_lower={metrics['audit/epsilon_lower']:.3f}"
     trial.say(f"epoch {epoch + 1}/{stage.train.epochs} train/loss={metrics['train/loss']:.5f} "
@@ -300,7 +320,9 @@ def report(trial: Trial, epoch: int, metrics: dict) -> None:
              "shape": list(trial.data.shape), "labels": list(trial.data.labels),
              "metrics": trial.history[-1], "history": trial.history,
              "aux": trial.adapter.aux_state() if hasattr(trial.adapter, "aux_state") else {},
-             "ema_model": trial.ema.state_dict() if trial.ema is not None else None, **trial.extra_state}
+             "ema_model": trial.ema.state_dict() if trial.ema is not None else None,
+             # the canaries' secret seed: for resuming the audit; the custodian keeps it as the model
+             "audit": trial.canaries.state_dict() if trial.canaries is not None else None, **trial.extra_state}
     with tempfile.TemporaryDirectory() as tmp:
         if last:
             finish(trial, metrics, state, tmp)

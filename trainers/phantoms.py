@@ -153,53 +153,76 @@ def _thickness(cav_area, epi_area) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- samples
-def _sample(rng: np.random.Generator, shape, variant: str) -> tuple[np.ndarray, np.ndarray]:
+def _subject_volumes(rng: np.random.Generator, shape, variant: str, phases=(False, True)):
+    """One subject imaged at each phase of `phases` (False: ED, True: ES): [(image, labels)].
+
+    The two volumes share the subject's anatomy, labels (ESED aside), surrounding tissue and
+    coil ramp, as two frames of one cine scan do; each has its own acquisition noise."""
     s = _draw_subject(rng, variant)
     sd, sh, sw = spacing_for(shape)
     vox_ml, pix_mm2 = sd * sh * sw / 1000.0, sh * sw
-    es = bool(rng.random() < 0.5)
     vol, thick, fields = {}, {}, {}
-    for phase in (False, True):   # both phases give labels; only the drawn one is imaged
-        fields[phase] = _fractions(s, shape, phase, with_rv=phase == es)
+    for phase in (False, True):   # both phases give the labels
+        fields[phase] = _fractions(s, shape, phase, with_rv=phase in phases)
         cav, epi, _ = fields[phase]
         vol[phase] = float(cav.sum() * vox_ml)
         thick[phase], _ = _thickness(cav.sum((1, 2)) * pix_mm2, epi.sum((1, 2)) * pix_mm2)
     edv, esv = vol[False], vol[True]
-    labels = np.array([edv, esv, 100.0 * (edv - esv) / max(edv, 1e-6), thick[False], thick[True],
-                       float(es)], dtype=np.float32)
-
-    cav, epi, rv = fields[es]
     # Surrounding tissue: smooth random texture (fat/liver/lung-like blotches, ~7 mm scale).
     tex = ndimage.gaussian_filter(rng.standard_normal(shape), (0.5, 7.0 / sh, 7.0 / sw))
     tex *= s["tex"] / max(float(tex.std()), 1e-6)
-    bg = s["bg"] + tex + 0.3 * (s["myo"] - s["bg"]) * rv   # faint RV: stays below myocardium
-    img = bg * (1 - epi) + s["myo"] * (epi - cav) + s["blood"] * cav
-    # Slight in-plane blur (point-spread function, ~1.2 mm) and a gentle coil-sensitivity ramp.
-    img = ndimage.gaussian_filter(img, (0.0, 1.2 / sh, 1.2 / sw))
     ramp = 1.0 + rng.uniform(-0.05, 0.05) * np.linspace(-1, 1, shape[2])[None, None, :]
-    img = img * ramp * s["gain"]
-    # Magnitude images carry Rician noise: |signal + complex Gaussian|.
-    n1, n2 = rng.standard_normal((2, *shape)) * s["noise"]
-    img = np.hypot(img + n1, n2)
-    return np.clip(img, 0.0, 1.0).astype(np.float32), labels
+    out = []
+    for es in phases:
+        labels = np.array([edv, esv, 100.0 * (edv - esv) / max(edv, 1e-6), thick[False], thick[True],
+                           float(es)], dtype=np.float32)
+        cav, epi, rv = fields[es]
+        bg = s["bg"] + tex + 0.3 * (s["myo"] - s["bg"]) * rv   # faint RV: stays below myocardium
+        img = bg * (1 - epi) + s["myo"] * (epi - cav) + s["blood"] * cav
+        # Slight in-plane blur (point-spread function, ~1.2 mm) and a gentle coil-sensitivity ramp.
+        img = ndimage.gaussian_filter(img, (0.0, 1.2 / sh, 1.2 / sw))
+        img = img * ramp * s["gain"]
+        # Magnitude images carry Rician noise: |signal + complex Gaussian|.
+        n1, n2 = rng.standard_normal((2, *shape)) * s["noise"]
+        img = np.hypot(img + n1, n2)
+        out.append((np.clip(img, 0.0, 1.0).astype(np.float32), labels))
+    return out
+
+
+def _sample(rng: np.random.Generator, shape, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """One volume of a subject at a random phase (tests and the phantom encoder's training)."""
+    return _subject_volumes(rng, shape, variant, phases=(bool(rng.random() < 0.5),))[0]
+
+
+def subject_id(j: int) -> str:
+    return f"s{j:06d}"
+
+
+# What `data.subject_pattern` finds in a phantom sample's path (samples/s000012_ed.npz).
+SUBJECT_PATTERN = r"(s\d+)_e[ds]\.npz$"
 
 
 def synthesize(root, n: int = 256, shape=(13, 48, 48), seed: int = 0, variant: str = "private",
                overwrite: bool = False, labels=LABELS) -> dict:
-    """Write a phantom dataset under ``root`` and return a summary dict.
+    """Write a phantom dataset of ``n`` volumes under ``root`` and return a summary dict.
+
+    Subjects: ceil(n / 2) of them, each imaged at end-diastole and end-systole
+    (``samples/s000012_ed.npz``, ``..._es.npz``; the last subject only at ED when n is odd),
+    with identical labels but ESED and a ``subject`` entry in each file. Splits (80/10/10)
+    are by subject, so no patient is in two splits.
 
     ``labels`` picks and orders the stored label columns (a sweep's ``data.labels``); names
     the phantom does not model (AGE, SEX, ...) are stored as NaN, i.e. unknown.
 
-    Sample i depends only on (seed, variant, i), so n and write order never change a sample.
+    Subject j depends only on (seed, variant, j), so n and write order never change a sample.
     Index files are written last: an interrupted run leaves no loadable (half) dataset.
     """
     shape = _check_shape(shape)
     if variant not in VARIANTS:
         raise UserError(f"variant {variant!r} is unknown; expected one of {', '.join(VARIANTS)}")
     n, seed = int(n), int(seed)
-    if n < 3:
-        raise UserError(f"n={n} is too small; need at least 3 samples (one per split)")
+    if n < 6:
+        raise UserError(f"n={n} is too small; need at least 6 volumes (3 subjects, one per split)")
     if seed < 0:
         raise UserError(f"seed={seed} is invalid; expected a non-negative integer")
     root = Path(root)
@@ -216,23 +239,32 @@ def synthesize(root, n: int = 256, shape=(13, 48, 48), seed: int = 0, variant: s
                 f.unlink()
     (root / "samples").mkdir(parents=True, exist_ok=True)
 
-    n_val = n_test = max(1, round(0.1 * n))
-    n_train = n - n_val - n_test
-    width = max(6, len(str(n - 1)))
-    names = [f"samples/{i:0{width}d}.npz" for i in range(n)]
+    n_subj = (n + 1) // 2
+    n_val = n_test = max(1, round(0.1 * n_subj))
+    n_train = n_subj - n_val - n_test
     vcode = VARIANTS.index(variant)
     labels = tuple(labels)
     columns = [LABELS.index(name) if name in LABELS else None for name in labels]
-    for i, name in enumerate(names):
-        image, truth = _sample(np.random.default_rng([seed, vcode, i]), shape, variant)
-        stored = np.array([truth[c] if c is not None else np.nan for c in columns], dtype=np.float32)
-        np.savez(root / name, image=image, labels=stored)
+    names = []   # per subject: its files
+    for j in range(n_subj):
+        phases = (False, True) if 2 * j + 1 < n else (False,)
+        files = []
+        for (image, truth), es in zip(_subject_volumes(np.random.default_rng([seed, vcode, j]), shape, variant,
+                                                        phases), phases):
+            name = f"samples/{subject_id(j)}_{'es' if es else 'ed'}.npz"
+            stored = np.array([truth[c] if c is not None else np.nan for c in columns], dtype=np.float32)
+            np.savez(root / name, image=image, labels=stored, subject=np.array(subject_id(j)))
+            files.append(name)
+        names.append(files)
     bounds = {"training": (0, n_train), "validation": (n_train, n_train + n_val),
-              "testing": (n_train + n_val, n)}
+              "testing": (n_train + n_val, n_subj)}
+    sizes = {}
     for split, (a, b) in bounds.items():
-        np.save(root / f"{split}.npy", np.array(names[a:b], dtype=str))
+        files = [f for subject in names[a:b] for f in subject]
+        np.save(root / f"{split}.npy", np.array(files, dtype=str))
+        sizes[split] = len(files)
     return {"root": str(root), "n": n, "shape": shape, "seed": seed, "variant": variant,
-            "splits": {k: b - a for k, (a, b) in bounds.items()}, "labels": labels}
+            "splits": sizes, "subjects": {k: b - a for k, (a, b) in bounds.items()}, "labels": labels}
 
 
 # --------------------------------------------------------------------------- measurement

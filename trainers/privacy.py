@@ -37,7 +37,7 @@ import math
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -77,26 +77,70 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 class PoissonSampler:
     """Poisson subsampling of the whole training set, split over ranks.
 
-    Rank r owns records r, r + W, r + 2W, ...; at each step each owned record is included
-    independently with probability q = batch_size / n_train. The union over ranks is then
-    exactly a Poisson sample of the full dataset, which is what the accountant assumes.
+    The units of privacy are records (volumes), or with `units` given, subjects: `units[u]`
+    lists the record indices of subject u, and a subject joins a step with all of its
+    records. Rank r owns units r, r + W, r + 2W, ...; at each step each owned unit is
+    included independently with probability q = batch_size / n_units. The union over ranks
+    is then exactly a Poisson sample of the full set of units, which is what the accountant
+    assumes. A step's records come out unit by unit (`unit_of` maps a record to its unit),
+    so the loop can keep a subject inside one micro-batch and clip it once.
 
     `seed=None` (the DP default): each rank draws from a stream seeded by OS entropy, so
     batch membership cannot be regenerated from anything logged. An int seed makes the
     batches reproducible per (seed, rank, epoch): `dp.reproducible` only.
     """
 
-    def __init__(self, n_train: int, batch_size: int, rank: int, world_size: int, seed: Optional[int]):
-        self.n_train, self.rank, self.world_size, self.seed = n_train, rank, world_size, seed
-        self.sample_rate = batch_size / n_train
-        self.shard = np.arange(rank, n_train, world_size)
-        self.steps = steps_per_epoch(n_train, batch_size)
+    def __init__(self, n_train: int, batch_size: int, rank: int, world_size: int, seed: Optional[int],
+                 units: Optional[Sequence[np.ndarray]] = None):
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.n_units = len(units) if units is not None else n_train
+        self.sample_rate = batch_size / self.n_units
+        self.shard = np.arange(rank, self.n_units, world_size)   # the units this rank owns
+        self.steps = steps_per_epoch(self.n_units, batch_size)
         self._secret = np.random.default_rng(secrets.randbits(128)) if seed is None else None
+        self.unit_of = None
+        if units is not None:
+            self._records = [np.asarray(units[u], dtype=np.int64) for u in self.shard]
+            self.unit_of = np.empty(n_train, dtype=np.int64)
+            for u, records in enumerate(units):
+                self.unit_of[np.asarray(records, dtype=np.int64)] = u
 
     def epoch(self, epoch: int):
         rng = self._secret if self.seed is None else _rng(self.seed, 1, self.rank, epoch)
         for _ in range(self.steps):
-            yield self.shard[rng.random(len(self.shard)) < self.sample_rate]
+            chosen = rng.random(len(self.shard)) < self.sample_rate
+            if self.unit_of is None:
+                yield self.shard[chosen]
+            else:
+                picked = [self._records[i] for i in np.flatnonzero(chosen)]
+                yield np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+
+
+def microbatches(local: np.ndarray, size: int, unit_of: Optional[np.ndarray] = None) -> list[np.ndarray]:
+    """A step's local records in physical micro-batches of at most `size` records. With
+    units (subjects), a unit is never split: its gradient is clipped as one, so its records
+    share a micro-batch (a subject with more than `size` records gets one of its own)."""
+    if unit_of is None or len(local) == 0:
+        return [local[i:i + size] for i in range(0, len(local), size)] or [local]
+    u = unit_of[local]
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+    bounds = list(starts) + [len(local)]
+    chunks, begin = [], 0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b - begin > size and a > begin:
+            chunks.append(local[begin:a])
+            begin = a
+    chunks.append(local[begin:])
+    return chunks
+
+
+def unit_ids(chunk: np.ndarray, unit_of: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+    """For each record of a micro-batch, the index (0..U-1) of its unit within it; None
+    when every record is its own unit."""
+    if unit_of is None:
+        return None
+    _, inverse = np.unique(unit_of[chunk], return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
 
 
 class ShuffleSampler:
@@ -157,6 +201,41 @@ def epsilon_of(history, delta: float, accountant: str) -> float:
     return float(acc.get_epsilon(delta=delta))
 
 
+def group_epsilon(history, delta: float, group_size: int, accountant: str) -> float:
+    """Epsilon at `delta` for a group of `group_size` records (a subject with that many
+    volumes in a record-level run), by group privacy.
+
+    gdp: a mu-GDP mechanism is (k mu)-GDP for groups of k (Dong, Roth, Su 2022), exact.
+    prv, rdp: the standard conversion, (eps, delta')-DP => (k eps, k e^{(k-1) eps} delta')
+    for groups of k, applied to the RDP accountant's curve eps(delta') (cheap at many
+    delta'); delta' is chosen on a grid to minimise k eps(delta') subject to
+    k e^{(k-1) eps(delta')} delta' <= delta. An upper bound, not tight: subject-level DP
+    (privacy.unit: subject) costs far less."""
+    k = int(group_size)
+    history = merge_history(history)
+    if k <= 1 or not history:
+        return epsilon_of(history, delta, accountant)
+    if accountant == "gdp":
+        from opacus.accountants.analysis import gdp
+
+        mu = k * math.sqrt(sum(gdp.compute_mu_poisson(steps=n, noise_multiplier=s, sample_rate=q) ** 2
+                               for s, q, n in history))
+        if not math.isfinite(mu) or gdp.delta_eps_mu(eps=500.0, mu=mu) > delta:
+            return math.inf
+        return float(gdp.eps_from_mu(mu=mu, delta=delta)) if gdp.delta_eps_mu(eps=0.0, mu=mu) > delta else 0.0
+    from opacus.accountants.analysis import rdp as rdp_analysis
+    from opacus.accountants.rdp import RDPAccountant
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    curve = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in history)
+    best = math.inf
+    for d in delta / k * np.logspace(0, -12, 121):
+        eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=curve, delta=float(d))
+        if math.isfinite(eps) and k * math.exp(min((k - 1) * eps, 700.0)) * d <= delta:
+            best = min(best, k * float(eps))
+    return best
+
+
 def solve_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float,
                            steps: int, accountant: str) -> float:
     """sigma such that `steps` Poisson steps at rate q end at `target_epsilon`.
@@ -187,34 +266,50 @@ def noisy_selection_mean(clipped_sum: float, count: float, *, clip: float, noise
 
 @dataclass
 class PrivacyFacts:
-    """What anyone needs to recompute epsilon (logged as MLflow params)."""
+    """What anyone needs to recompute epsilon (logged as MLflow params). `sample_rate` is q
+    over the unit of privacy (records, or subjects with unit `subject`); `group_size` is
+    the most training records one subject has (None: the data declares no subjects)."""
     noise_multiplier: float
     sample_rate: float
     delta: float
     accountant: str
     max_grad_norm: float
     steps_planned: int
+    unit: str = "record"
+    group_size: Optional[int] = None
 
     def as_result(self) -> dict:
         """The `privacy.*` keys of a trial's result (the tracker logs them as params)."""
-        return {f"privacy.{k}": v for k, v in self.__dict__.items()}
+        return {f"privacy.{k}": v for k, v in self.__dict__.items() if v is not None}
+
+    def subject_epsilon(self, history) -> Optional[float]:
+        """The patient-level epsilon: the run's own with unit subject, by group privacy over
+        `group_size` records with unit record, None when subjects are unknown."""
+        if self.unit == "subject":
+            return epsilon_of(history, self.delta, self.accountant)
+        if self.group_size is None:
+            return None
+        return group_epsilon(history, self.delta, self.group_size, self.accountant)
 
 
-def plan_privacy(stage, n_train: int, delta: float, accountant: str) -> PrivacyFacts:
+def plan_privacy(stage, n_units: int, delta: float, accountant: str, unit: str = "record",
+                 group_size: Optional[int] = None) -> PrivacyFacts:
     """sigma, q and the planned number of steps of a stage config (orchestrator.config.
-    StageConfig) on `n_train` records, decided before training starts. The loop trains with
-    it; the privacy books price every configuration a search can draw with it."""
-    steps = steps_per_epoch(n_train, stage.train.batch_size)
+    StageConfig) on `n_units` units of privacy (records, or subjects with unit `subject`),
+    decided before training starts. The loop trains with it; the privacy books price every
+    configuration a search can draw with it."""
+    steps = steps_per_epoch(n_units, stage.train.batch_size)
     if stage.train.max_steps_per_epoch:
         steps = min(steps, stage.train.max_steps_per_epoch)
     total = steps * stage.train.epochs
-    q = stage.train.batch_size / n_train
+    q = stage.train.batch_size / n_units
     sigma = stage.dp.noise_multiplier
     if sigma is None:
         sigma = solve_noise_multiplier(target_epsilon=stage.dp.target_epsilon, delta=delta,
                                        sample_rate=q, steps=total, accountant=accountant)
     return PrivacyFacts(noise_multiplier=sigma, sample_rate=q, delta=delta, accountant=accountant,
-                        max_grad_norm=stage.dp.max_grad_norm, steps_planned=total)
+                        max_grad_norm=stage.dp.max_grad_norm, steps_planned=total, unit=unit,
+                        group_size=1 if unit == "subject" else group_size)
 
 
 class Stepper:
@@ -232,7 +327,8 @@ class Stepper:
     def network(self) -> nn.Module:
         return self.module
 
-    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1) -> None:
+    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1,
+                 units: Optional[torch.Tensor] = None) -> None:
         per_sample_loss.sum().backward()
         self._count += len(per_sample_loss)
 
@@ -330,20 +426,26 @@ class DPStepper(Stepper):
             self.optimizer.generator = g
             self.generator = g
 
-    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1) -> None:
+    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1,
+                 units: Optional[torch.Tensor] = None) -> None:
+        """`rows_per_sample`: K rows (noise draws) per sample; `units`: for each sample, the
+        index of its unit of privacy in this micro-batch (a subject), None: each sample is one."""
         per_sample_loss.sum().backward()
-        if rows_per_sample > 1:
-            # Noise multiplicity: the batch ran as `rows_per_sample` rows per sample (K draws);
-            # Opacus gave one gradient per row. Summing a sample's rows (its loss is the mean
-            # over them) makes one per-sample gradient, which the optimizer then clips once.
+        rows = row_units(len(per_sample_loss), rows_per_sample, units)
+        n_units = len(per_sample_loss) if units is None else int(units.max()) + 1 if len(units) else 0
+        if rows is not None:
+            # Noise multiplicity: K rows per sample (its loss is the mean over its draws);
+            # subjects: all of a subject's samples. Opacus gave one gradient per row; summing a
+            # unit's rows makes one gradient per unit, which the optimizer then clips once.
             for p in self.params:
                 gs = p.grad_sample
-                p.grad_sample = gs.view(-1, rows_per_sample, *gs.shape[1:]).sum(1)
-        # One gradient per sample, or each row would be clipped as if it were a person:
-        # K draws passed as K samples would silently weaken the guarantee K-fold.
+                if gs is not None:
+                    p.grad_sample = gs.new_zeros((n_units, *gs.shape[1:])).index_add_(0, rows.to(gs.device), gs)
+        # One gradient per unit, or each row would be clipped as if it were a person: K draws
+        # or a subject's volumes passed as separate people would silently weaken the guarantee.
         got = {p.grad_sample.shape[0] for p in self.params if p.grad_sample is not None}
-        if got != {len(per_sample_loss)}:
-            raise ValueError(f"{sorted(got)} per-sample gradients for {len(per_sample_loss)} samples: "
+        if got != {n_units}:
+            raise ValueError(f"{sorted(got)} per-sample gradients for {n_units} units of privacy: "
                              f"rows_per_sample {rows_per_sample} does not match how the batch was run")
 
     def empty_microbatch(self) -> None:
@@ -418,6 +520,16 @@ class DPStepper(Stepper):
         self.history = merge_history((float(s), float(q), int(n)) for s, q, n in state["history"])
 
 
+def row_units(n_samples: int, rows_per_sample: int = 1, units: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """The unit of privacy of each row of a micro-batch run as `rows_per_sample` rows per
+    sample (noise multiplicity) with per-sample `units` (subjects); None when every row is
+    a unit of its own."""
+    if rows_per_sample == 1 and units is None:
+        return None
+    per_sample = torch.arange(n_samples) if units is None else units.long().cpu()
+    return per_sample.repeat_interleave(rows_per_sample)
+
+
 def _ledger_steps(line: str) -> Optional[int]:
     """The step count of a valid noise-ledger line, None for a torn or corrupt one."""
     parts = line.split()
@@ -460,9 +572,12 @@ class GhostDPStepper(DPStepper):
             self.generator = torch.Generator(device=self.params[0].device)
             self.generator.manual_seed(int(_rng(self._noise_seed, 3, *stream).integers(2**62)))
 
-    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1) -> None:
+    def backward(self, per_sample_loss: torch.Tensor, rows_per_sample: int = 1,
+                 units: Optional[torch.Tensor] = None) -> None:
         if rows_per_sample > 1:
             raise ValueError("ghost clipping computes one norm per row; noise multiplicity needs functorch or hooks")
+        if units is not None and int(units.max()) + 1 != len(units):
+            raise ValueError("ghost clipping computes one norm per volume, not per subject; use bk, functorch or hooks")
         per_sample_loss.sum().backward(retain_graph=True)  # pass 1: per-sample norms
         coeff = self.module.get_clipping_coef().detach()
         for p in self.params:

@@ -59,9 +59,13 @@ def selection_metrics(select: dict, adapter, net, stage, val_set, val_idx, devic
         if rank != 0:
             return {}
         key = metric.removeprefix("val/")
-        value = noisy_selection_mean(sums[key], count, clip=select["clip"], noise_multiplier=select["noise_multiplier"])
+        # With unit subject the sensitivity of the clipped sum is a whole subject's losses:
+        # `group` = the most validation volumes one subject has, times the clip bound.
+        group = int(select.get("group", 1))
+        value = noisy_selection_mean(sums[key], count, clip=select["clip"] * group,
+                                     noise_multiplier=select["noise_multiplier"])
         return {f"select/{metric}": value, "select.noise_multiplier": select["noise_multiplier"],
-                "select.clip": select["clip"], "select.n": count}
+                "select.clip": select["clip"], "select.n": count, "select.group": group}
     data = DataConfig.model_validate(select["data"])
     index = validate_dataset(data.root, data.labels, tuple(data.shape), allow_pickle=data.allow_pickle,
                              cache_dir=select.get("cache_dir"))
