@@ -73,10 +73,13 @@ class ConsoleProgress(tune.Callback):
             print(f"[{label}] {int(recovered)} noise additions after the last checkpoint were lost with the failed "
                   "workers; they stay in the privacy account", flush=True)
         parts = [f"[{label}] epoch {int(result.get('epoch', 0))}/{self.epochs}"]
-        for key, name in (("train/loss", "train/loss"), ("val/loss", "val/loss"), ("privacy/epsilon", "eps")):
+        for key, name in (("train/loss", "train/loss"), ("val/loss", "val/loss"), ("privacy/epsilon", "eps"),
+                          ("privacy/epsilon_subject", "eps_patient")):
             v = _num(result, key)
-            if v is not None:
+            if v is not None and not (key == "privacy/epsilon_subject" and result.get("privacy.unit") == "subject"):
                 parts.append(f"{name}={v:.4g}")
+        if result.get("privacy.unit") == "subject":
+            parts.append("(per patient)")
         t = _num(result, "time/epoch_s")
         if t is not None:
             parts.append(f"({t:.1f}s)")
@@ -88,9 +91,13 @@ class ConsoleProgress(tune.Callback):
                                                                          "control/ed_es", "select/"))
                                  and k != self.metric]
         values = " ".join(f"{k}={v:.4g}" for k in dict.fromkeys(shown) if (v := _num(r, k)) is not None)
-        eps = _num(r, "privacy/epsilon")
-        print(f"[{self._label(trial)}] done: {values}" + (f" epsilon={eps:.4g}" if eps is not None else ""),
-              flush=True)
+        eps, patient = _num(r, "privacy/epsilon"), _num(r, "privacy/epsilon_subject")
+        if eps is not None:
+            values += f" epsilon={eps:.4g}" + (" per patient" if r.get("privacy.unit") == "subject" else
+                                              f" (per patient {patient:.4g}, group privacy over "
+                                              f"{int(_num(r, 'privacy.group_size') or 0)} volumes)"
+                                              if patient is not None else "")
+        print(f"[{self._label(trial)}] done: {values}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         where = getattr(trial, "local_path", None) or getattr(trial, "path", "")

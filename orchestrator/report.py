@@ -16,7 +16,9 @@ run under `report/` unless `--no-log`.
 Epsilon: a DP trial's own epsilon is `privacy/epsilon`; the x axis is `epsilon_total`, the
 whole lineage's epsilon on the same private data (`privacy/epsilon_total`, else the trial's
 own epsilon). A non-DP trial on private data has epsilon = inf ("non-DP"); a non-DP trial on
-public data costs nothing (0, "public").
+public data costs nothing (0, "public"). Where the data declares subjects, `eps_patient` is the
+epsilon per patient (`privacy/epsilon_total_subject`): the same as epsilon with
+`privacy.unit: subject`, a group-privacy bound over a patient's volumes with unit record.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ AUDIT = "orchestrator.audit"             # "true": trained with canaries, never 
 AUDIT_EPS = "audit/epsilon_lower"        # the audit's lower bound, shown beside the claimed epsilon
 PRIVATE_DATA, CHECKPOINT, PARENT = "orchestrator.private_data", "orchestrator.checkpoint", "mlflow.parentRunId"
 EPS, EPS_TOTAL = "privacy/epsilon", "privacy/epsilon_total"
+EPS_SUBJECT, EPS_TOTAL_SUBJECT = "privacy/epsilon_subject", "privacy/epsilon_total_subject"
 R_MEAN, ED_ES = "control/r_mean", "control/ed_es_accuracy"
 STATE_FILE = "launch.json"
 
@@ -138,7 +141,9 @@ def _row(run) -> dict:
         "sample_rate": _number(params.get("privacy.sample_rate")), "batch": batch, "latent": latent,
         "epsilon": eps, "epsilon_total": total, "epsilon_total_source": source, "status": info.status,
         "dp_release": dp and tags.get(DP_RELEASE) != "false",
-        "audit": tags.get(AUDIT) == "true",
+        "audit": tags.get(AUDIT) == "true", "unit": params.get("privacy.unit", "record"),
+        # the patient's epsilon (whole lineage when the ledger logged it): subjects declared only
+        "epsilon_patient": metrics.get(EPS_TOTAL_SUBJECT, metrics.get(EPS_SUBJECT)),
         "start_time": info.start_time or 0, "checkpoint": tags.get(CHECKPOINT),
         "upstream": [params[k] for k in ("upstream.needs", "upstream.init_from") if params.get(k)],
     }
@@ -284,7 +289,11 @@ def table_columns(rows: list[dict], metric: str) -> list[tuple]:
             ("epsilon", ">", fmt_epsilon)]
     if any(r.get(AUDIT_EPS) is not None for r in rows):   # audited trials: the measured lower bound beside it
         cols.append(("eps_audit", ">", lambda r: fmt_num(r.get(AUDIT_EPS))))
-    cols += [("eps_total", ">", lambda r: fmt_num(r["epsilon_total"])),
+    cols += [("eps_total", ">", lambda r: fmt_num(r["epsilon_total"]))]
+    if any(r.get("epsilon_patient") is not None for r in rows):   # per patient: declared subjects
+        cols.append(("eps_patient", ">", lambda r: fmt_num(r.get("epsilon_patient")) if r["dp"] else
+                     fmt_num(r["epsilon_total"])))
+    cols += [
             (short_metric(metric)[:16], ">", lambda r: fmt_num(_value(r, metric)))]
     for key, head in ((R_MEAN, "r_mean"), (ED_ES, "ed_es_acc")):
         if key != metric and any(_value(r, key) is not None for r in rows):
@@ -316,7 +325,8 @@ def format_table(rows: list[dict], metric: str, width: int = 100) -> list[str]:
 
 def write_csv(rows: list[dict], metric: str, path: Path) -> None:
     fields = ["run_id", "run_name", "stage", "model", "family", "dp", "dp_release", "private_data", "sigma", "sample_rate",
-              "batch", "latent", "epsilon", AUDIT_EPS, "epsilon_total", "epsilon_total_source", metric]
+              "batch", "latent", "epsilon", AUDIT_EPS, "epsilon_total", "epsilon_total_source", "unit",
+              "epsilon_patient", metric]
     fields += [k for k in (R_MEAN, ED_ES) if k != metric and any(_value(r, k) is not None for r in rows)]
     fields += ["status", "front"]
 

@@ -218,6 +218,9 @@ def update_books(cfg: SweepConfig, plans: dict[str, StagePlan], results: dict, s
         run_id = found[0].info.run_id
         # MLflow stores +inf as the largest double; the tag says why it is not finite.
         with_patience(client.log_metric, run_id, "privacy/epsilon_total", total, step=int(r.get("epoch") or 0))
+        if book.get("epsilon_total_subject") is not None:   # the patient's, when subjects are declared
+            with_patience(client.log_metric, run_id, "privacy/epsilon_total_subject", book["epsilon_total_subject"],
+                          step=int(r.get("epoch") or 0))
         if not math.isfinite(total):
             with_patience(client.set_tag, run_id, "orchestrator.privacy_total",
                           "not private: " + "; ".join(book.get("not_private", []))[:4000])
@@ -232,6 +235,7 @@ def update_books(cfg: SweepConfig, plans: dict[str, StagePlan], results: dict, s
     # infinite, and so is this total (the worst DP-trained lineage is reported beside it).
     totals = [t["epsilon_total"] for t in trials.values() if t.get("released", True)]
     dp_totals = [t for t in totals if _finite(t)]
+    subject = [t.get("epsilon_total_subject") for t in trials.values() if t.get("released", True)]
     payload = {"sweep": cfg.name, "parent_run_id": parent, "accountant": acct, "delta": delta,
                "how_to_recompute": "each mechanism is a Poisson-subsampled Gaussian (sigma = noise multiplier, "
                                    "q = sample rate) applied `steps` times; compose a trial's lineage per dataset; "
@@ -239,7 +243,9 @@ def update_books(cfg: SweepConfig, plans: dict[str, StagePlan], results: dict, s
                                    "one step, on the people of the split named after '#'",
                "trials": trials, "tuning": tuning, "study": study,
                "epsilon_total_max": max(totals) if totals else None,
-               "epsilon_total_max_dp": max(dp_totals) if dp_totals else None}
+               "epsilon_total_max_dp": max(dp_totals) if dp_totals else None,
+               # per patient: None when a released model's data declares no subjects
+               "epsilon_total_max_subject": max(subject) if subject and None not in subject else None}
     path = out / "privacy_ledger.json"
     write_ledger_json(path, _jsonable(payload))
     metrics = {"privacy/epsilon_study": study["epsilon_total"]}
@@ -247,6 +253,8 @@ def update_books(cfg: SweepConfig, plans: dict[str, StagePlan], results: dict, s
         metrics["privacy/epsilon_total"] = max(totals)
     if dp_totals:
         metrics["privacy/epsilon_total_dp"] = max(dp_totals)
+    if payload["epsilon_total_max_subject"] is not None:
+        metrics["privacy/epsilon_total_subject"] = payload["epsilon_total_max_subject"]
     for name, t in tuning.items():
         sel = t["selection"]
         metrics[f"privacy/epsilon_selection/{name}"] = sel["epsilon"]

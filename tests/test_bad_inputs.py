@@ -30,7 +30,7 @@ from trainers.phantoms import synthesize
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (13, 16, 16)
 LABELS = ["LVEDV", "LVESV", "ESED"]
-N = 12  # phantoms split 10 / 1 / 1
+N = 12  # phantoms: 6 subjects at ED and ES, split 4 / 1 / 1 by subject = 8 / 2 / 2 volumes
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -163,7 +163,7 @@ SWEEP_CASES = [
     # privacy
     ("delta-one", at("privacy.delta", 1), ["privacy.delta", "less than 1"]),
     ("delta-zero", at("privacy.delta", 0), ["privacy.delta", "greater than 0"]),
-    ("delta-above-1/n", at("privacy.delta", 0.5), ["privacy.delta: 0.5 is not below 1/n_train = 1/10"]),
+    ("delta-above-1/n", at("privacy.delta", 0.5), ["privacy.delta: 0.5 is not below 1/n_train = 1/8"]),
     ("accountant-unknown", at("privacy.accountant", "moments"), ["privacy.accountant", "'prv', 'rdp' or 'gdp'", "'moments'"]),
     ("target-eps-unreachable", each(at("stages.0.dp.noise_multiplier", None), at("stages.0.dp.target_epsilon", 1e-4),
                                     at("stages.0.search.parameters", {})),
@@ -172,7 +172,7 @@ SWEEP_CASES = [
     ("physical-above-logical", at("stages.0.train.physical_batch_size", 8),
      ["stages[ae].train.physical_batch_size: 8 is larger than batch_size 4"]),
     ("batch-above-n-train", at("stages.0.train.batch_size", 64),
-     ["stages[ae].train.batch_size: 64 is larger than the 10 training samples"]),
+     ["stages[ae].train.batch_size: 64 is larger than the 8 training samples"]),
     # the stage graph
     ("needs-cycle", at("stages.0.init_from", "ldm_ft"), ["stages: dependency cycle", "ae", "ldm_ft"]),
     ("needs-self", at("stages.0.init_from", "ae"), ["stages[ae].init_from: a stage cannot depend on itself"]),
@@ -253,7 +253,21 @@ SWEEP_CASES = [
     ("stage-data-typo", at("stages.1.data", {"roots": "x"}),
      ["stages[ldm].data.roots: unknown key", "did you mean 'root'"]),
     ("stage-data-shape", at("stages.1.data", {"shape": [13, 0, 16]}), ["stages[ldm].data.shape: expected three positive sizes"]),
-    ("synthesize-n-too-small", at("data.synthesize", {"n": 2}), ["data.synthesize.n", "greater than or equal to 3"]),
+    ("synthesize-n-too-small", at("data.synthesize", {"n": 5}), ["data.synthesize.n", "greater than or equal to 6"]),
+    # subjects
+    ("subject-pattern-not-regex", at("data.subject_pattern", "(s\\d+"), ["data.subject_pattern", "is not a regular expression"]),
+    ("subject-pattern-no-group", at("data.subject_pattern", "s\\d+"), ["data.subject_pattern", "has no group"]),
+    ("subject-pattern-no-match", at("data.subject_pattern", "patient-(\\d+)"),
+     ["s000000_ed.npz", "does not match data.subject_pattern", "first group"]),
+    ("unit-not-known", at("privacy.unit", "patient"), ["privacy.unit", "'record' or 'subject'"]),
+    ("unit-searched", at("stages.0.search.parameters", {"privacy.unit": {"values": ["record", "subject"]}}),
+     ["search.parameters.privacy.unit: the unit of privacy is not a hyperparameter"]),
+    ("unit-subject-ghost", lambda raw: (raw["privacy"].update(unit="subject"),
+                                        raw["stages"][0]["dp"].update(grad_sample_mode="ghost")),
+     ["stages[ae].dp.grad_sample_mode: ghost clipping computes one norm per volume"]),
+    ("unit-subject-batch-above-subjects", lambda raw: (raw["privacy"].update(unit="subject"),
+                                                       raw["stages"][0]["train"].update(batch_size=6)),
+     ["stages[ae].train.batch_size: 6 is larger than the 4 training subjects"]),
     ("synthesize-variant", at("data.synthesize", {"variant": "privat"}), ["data.synthesize.variant", "'privat'"]),
     # models
     ("model-kind-unknown", at("stages.0.model.kind", "beta_vea"),
@@ -312,7 +326,7 @@ SWEEP_CASES = [
 
 # ---------------------------------------------------------------------------- dataset cases
 def sample_path(root: Path, i: int) -> Path:
-    return root / "samples" / f"{i:06d}.npz"
+    return root / "samples" / f"s{i // 2:06d}_{'es' if i % 2 else 'ed'}.npz"   # volume i: subject i // 2
 
 
 def rewrite(i: int, image=None, labels=None, **extra):
@@ -347,8 +361,8 @@ def set_index(split: str, entries):
 def write_pickled_npy(root: Path, raw: dict):
     with np.load(sample_path(root, 4)) as z:
         obj = {"image": z["image"], "labels": z["labels"]}
-    np.save(root / "samples" / "000004.npy", obj, allow_pickle=True)
-    np.save(root / "training.npy", np.array([p.replace("000004.npz", "000004.npy") for p in index_of(root, "training")]))
+    np.save(root / "samples" / "s000002_ed.npy", obj, allow_pickle=True)
+    np.save(root / "training.npy", np.array([p.replace("s000002_ed.npz", "s000002_ed.npy") for p in index_of(root, "training")]))
 
 
 def pickled_not_a_dict(root: Path, raw: dict):
@@ -356,8 +370,8 @@ def pickled_not_a_dict(root: Path, raw: dict):
     with np.load(sample_path(root, 4)) as z:
         obj = np.empty(2, dtype=object)  # a list of the two arrays, not a dict
         obj[0], obj[1] = z["image"], z["labels"]
-    np.save(root / "samples" / "000004.npy", obj, allow_pickle=True)
-    np.save(root / "training.npy", np.array([p.replace("000004.npz", "000004.npy") for p in index_of(root, "training")]))
+    np.save(root / "samples" / "s000002_ed.npy", obj, allow_pickle=True)
+    np.save(root / "training.npy", np.array([p.replace("s000002_ed.npz", "s000002_ed.npy") for p in index_of(root, "training")]))
 
 
 def truncate(root: Path, raw: dict):
@@ -366,13 +380,13 @@ def truncate(root: Path, raw: dict):
 
 
 def duplicate_content(root: Path, raw: dict):
-    shutil.copy(sample_path(root, 2), root / "samples" / "copy_of_000002.npz")
-    np.save(root / "testing.npy", np.array(["samples/copy_of_000002.npz"]))
+    shutil.copy(sample_path(root, 2), root / "samples" / "copy_of_s000001_ed.npz")
+    np.save(root / "testing.npy", np.array(["samples/copy_of_s000001_ed.npz"]))
 
 
 def unsupported_suffix(root: Path, raw: dict):
-    (root / "samples" / "000007.nii.gz").write_bytes(b"\x1f\x8b\x08\x00")
-    np.save(root / "training.npy", np.array([p.replace("000007.npz", "000007.nii.gz") for p in index_of(root, "training")]))
+    (root / "samples" / "s000003_es.nii.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    np.save(root / "training.npy", np.array([p.replace("s000003_es.npz", "s000003_es.nii.gz") for p in index_of(root, "training")]))
 
 
 def root_missing(root: Path, raw: dict):
@@ -400,43 +414,47 @@ def text_not_zip(root: Path, raw: dict):
 # (id, change of the copied dataset (and maybe the sweep), fragments the message must contain)
 DATA_CASES = [
     ("volume-hwd", rewrite(3, image=lambda im: np.transpose(im, (1, 2, 0))),
-     ["000003.npz", "(16, 16, 13)", "expected (D, H, W) = (13, 16, 16)", "transpose to depth first"]),
-    ("wrong-depth", rewrite(3, image=lambda im: im[:12]), ["000003.npz", "(12, 16, 16)", "expected (D, H, W) = (13, 16, 16)"]),
-    ("channel-axis", rewrite(3, image=lambda im: im[None]), ["000003.npz", "(1, 13, 16, 16)", "3-D volume"]),
-    ("nan-voxel", rewrite(6, image=set_voxel(np.nan)), ["000006.npz", "1 non-finite voxel", "expected finite values"]),
-    ("inf-voxel", rewrite(6, image=set_voxel(np.inf)), ["000006.npz", "non-finite", "expected finite values"]),
-    ("values-0-255", rewrite(1, image=lambda im: im * 255), ["000001.npz", "expected intensities normalised to [0, 1]"]),
-    ("values-negative", rewrite(1, image=lambda im: im * 2 - 1), ["000001.npz", "expected intensities normalised to [0, 1]"]),
-    ("image-strings", rewrite(1, image=lambda im: np.full(im.shape, "x")), ["000001.npz", "dtype", "numeric"]),
-    ("sample-missing", lambda root, raw: sample_path(root, 8).unlink(), ["000008.npz", "does not exist"]),
+     ["s000001_es.npz", "(16, 16, 13)", "expected (D, H, W) = (13, 16, 16)", "transpose to depth first"]),
+    ("wrong-depth", rewrite(3, image=lambda im: im[:12]), ["s000001_es.npz", "(12, 16, 16)", "expected (D, H, W) = (13, 16, 16)"]),
+    ("channel-axis", rewrite(3, image=lambda im: im[None]), ["s000001_es.npz", "(1, 13, 16, 16)", "3-D volume"]),
+    ("nan-voxel", rewrite(6, image=set_voxel(np.nan)), ["s000003_ed.npz", "1 non-finite voxel", "expected finite values"]),
+    ("inf-voxel", rewrite(6, image=set_voxel(np.inf)), ["s000003_ed.npz", "non-finite", "expected finite values"]),
+    ("values-0-255", rewrite(1, image=lambda im: im * 255), ["s000000_es.npz", "expected intensities normalised to [0, 1]"]),
+    ("values-negative", rewrite(1, image=lambda im: im * 2 - 1), ["s000000_es.npz", "expected intensities normalised to [0, 1]"]),
+    ("image-strings", rewrite(1, image=lambda im: np.full(im.shape, "x")), ["s000000_es.npz", "dtype", "numeric"]),
+    ("sample-missing", lambda root, raw: sample_path(root, 8).unlink(), ["s000004_ed.npz", "does not exist"]),
     ("sample-is-directory", directory_as_sample, ["folder.npz", "does not exist as a file"]),
     ("index-missing", lambda root, raw: (root / "validation.npy").unlink(), ["validation.npy", "missing",
                                                                               "1-D string array"]),
     ("split-empty", set_index("testing", np.array([], dtype=str)), ["testing.npy", "0 samples", "at least 1"]),
-    ("index-2d", set_index("training", lambda root: np.array(index_of(root, "training")).reshape(2, 5)),
-     ["training.npy", "shape (2, 5)", "expected a 1-D array of sample paths"]),
+    ("index-2d", set_index("training", lambda root: np.array(index_of(root, "training")).reshape(2, 4)),
+     ["training.npy", "shape (2, 4)", "expected a 1-D array of sample paths"]),
     ("index-numbers", set_index("training", np.arange(10)), ["training.npy", "dtype", "path strings"]),
     ("index-pickled", set_index("testing", lambda root: np.array(index_of(root, "testing"), dtype=object)),
      ["testing.npy", "pickled", "data.allow_pickle"]),
-    ("index-not-npy", lambda root, raw: (root / "training.npy").write_text("samples/000000.npz\n"),
+    ("index-not-npy", lambda root, raw: (root / "training.npy").write_text("samples/s000000_ed.npz\n"),
      ["training.npy is not a .npy file", "1-D string array"]),
     ("label-count-vs-data-labels", sweep_change(at("data.labels", ["LVEDV", "LVESV", "ESED", "AGE"])),
-     ["000000.npz", "has 3 labels; expected 4 (LVEDV, LVESV, ESED, AGE)"]),
-    ("label-count-one-sample", rewrite(2, labels=lambda lab: lab[:2]), ["000002.npz", "has 2 labels; expected 3"]),
-    ("labels-strings", rewrite(2, labels=lambda lab: np.array(["150", "60", "ED"])), ["000002.npz", "labels", "numeric"]),
-    ("labels-2d", rewrite(2, labels=lambda lab: lab[None]), ["000002.npz", "labels", "1-D"]),
-    ("labels-inf", rewrite(2, labels=lambda lab: np.array([np.inf, 1.0, 0.0])), ["000002.npz", "inf", "finite"]),
-    ("pickled-npy-without-allow-pickle", write_pickled_npy, ["000004.npy", "pickled", "data.allow_pickle: true"]),
-    ("pickled-npy-not-a-dict", pickled_not_a_dict, ["000004.npy", "expected a pickled dict with keys 'image' and 'labels'"]),
-    ("same-file-in-two-splits", set_index("testing", np.array(["samples/000000.npz"])),
-     ["000000.npz", "same file", "leak between training and testing"]),
+     ["s000000_ed.npz", "has 3 labels; expected 4 (LVEDV, LVESV, ESED, AGE)"]),
+    ("label-count-one-sample", rewrite(2, labels=lambda lab: lab[:2]), ["s000001_ed.npz", "has 2 labels; expected 3"]),
+    ("labels-strings", rewrite(2, labels=lambda lab: np.array(["150", "60", "ED"])), ["s000001_ed.npz", "labels", "numeric"]),
+    ("labels-2d", rewrite(2, labels=lambda lab: lab[None]), ["s000001_ed.npz", "labels", "1-D"]),
+    ("labels-inf", rewrite(2, labels=lambda lab: np.array([np.inf, 1.0, 0.0])), ["s000001_ed.npz", "inf", "finite"]),
+    ("pickled-npy-without-allow-pickle", write_pickled_npy, ["s000002_ed.npy", "pickled", "data.allow_pickle: true"]),
+    ("pickled-npy-not-a-dict", pickled_not_a_dict, ["s000002_ed.npy", "expected a pickled dict with keys 'image' and 'labels'"]),
+    ("subject-in-two-splits", lambda root, raw: (
+        np.save(root / "testing.npy", np.array(index_of(root, "testing") + index_of(root, "training")[-1:])),
+        np.save(root / "training.npy", np.array(index_of(root, "training")[:-1]))),
+     ["subject 's000003' has volumes in the training and testing splits", "expected all of a subject's volumes"]),
+    ("same-file-in-two-splits", set_index("testing", np.array(["samples/s000000_ed.npz"])),
+     ["s000000_ed.npz", "same file", "leak between training and testing"]),
     ("same-image-two-paths", duplicate_content,
-     ["copy_of_000002.npz", "identical image", "leak between training and testing"]),
-    ("npz-truncated", truncate, ["000005.npz", "cannot read", "expected a valid .npz sample"]),
-    ("npz-not-a-zip", text_not_zip, ["000003.npz", "not an .npz (zip) archive"]),
+     ["copy_of_s000001_ed.npz", "identical image", "leak between training and testing"]),
+    ("npz-truncated", truncate, ["s000002_es.npz", "cannot read", "expected a valid .npz sample"]),
+    ("npz-not-a-zip", text_not_zip, ["s000001_es.npz", "not an .npz (zip) archive"]),
     ("npz-without-image", rewrite(5, image=lambda im: None, volume=np.zeros(SHAPE, np.float32)),
-     ["000005.npz", "missing key(s) ['image']", "expected keys 'image' and 'labels'"]),
-    ("unsupported-suffix", unsupported_suffix, ["000007.nii.gz", "unsupported sample format", ".npz"]),
+     ["s000002_es.npz", "missing key(s) ['image']", "expected keys 'image' and 'labels'"]),
+    ("unsupported-suffix", unsupported_suffix, ["s000003_es.nii.gz", "unsupported sample format", ".npz"]),
     ("root-missing", root_missing, ["no-such-data", "does not exist", "expected a directory"]),
     ("root-is-a-file", root_is_file, ["is not a directory"]),
 ]
@@ -463,7 +481,7 @@ def write_case_sweep(tmp: Path, data_root: Path, change) -> list[str]:
         # an interrupted phantom write leaves samples but no index files
         fresh = tmp / "half-written"
         (fresh / "samples").mkdir(parents=True)
-        (fresh / "samples" / "000000.npz").write_bytes(b"PK")
+        (fresh / "samples" / "s000000_ed.npz").write_bytes(b"PK")
         raw["data"].update(root=str(fresh), synthesize={"kind": "phantom", "n": N})
     else:
         result = change(raw)
@@ -527,7 +545,7 @@ def test_baseline_is_valid(phantom, tmp_path):
             argv = write_data_case(tmp, phantom, lambda root, raw: None)
         cfg, plans = launch.load_and_check(launch.parse_args(argv))
         assert [s.name for s in cfg.stages] == ["ae", "ldm", "ldm_ft"]
-        assert {p.n_train for p in plans.values()} == {10}
+        assert {p.n_train for p in plans.values()} == {8}   # 12 phantoms = 6 subjects, 4 of them training
 
 
 def test_there_are_enough_cases():
