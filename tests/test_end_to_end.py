@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (client_for, independent_composition, independent_epsilon, launch, parent_run, stage,
-                           sweep_dict, trial_runs, write_sweep)
+from tests.helpers import (client_for, independent_composition, independent_epsilon, launch, noise_ledger_lines,
+                           parent_run, stage, sweep_dict, trial_runs, write_sweep)
 
 pytestmark = pytest.mark.heavy
 
-N, BATCH, EPOCHS = 30, 4, 2   # 24 training volumes -> q = 1/6, 6 steps per epoch; ~2 per rank, often 0
+N, BATCH, EPOCHS = 30, 4, 2   # 15 subjects x (ED, ES), 11 in training: 22 volumes -> q = 2/11, 6 steps per epoch
 
 
 def e2e_sweep(tmp_path: Path, **stage_keys) -> Path:
@@ -34,7 +34,7 @@ def test_two_trials_two_workers_dp_sweep_lands_in_mlflow(tmp_path):
     assert parent.info.status == "FINISHED"
     assert "sweep.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
-    n_train = 24
+    n_train = 22
     steps = EPOCHS * math.ceil(n_train / BATCH)
     sigmas = set()
     for run in children:
@@ -67,3 +67,32 @@ def test_two_trials_two_workers_dp_sweep_lands_in_mlflow(tmp_path):
     assert parent.data.metrics["privacy/epsilon_total"] == pytest.approx(
         max(r.data.metrics["privacy/epsilon"] for r in children), rel=1e-6)
     assert parent.data.tags["orchestrator.tuning_outside_theorem.ae"]
+
+
+def test_patient_level_dp_two_workers(tmp_path):
+    """privacy.unit subject on 2 gloo workers: Poisson sampling over the 11 training subjects
+    (q = 4/11, batch_size counts subjects), every sampling event a step on both ranks (no hang
+    on empty local batches), epsilon at q over subjects, recomputable from the logged params,
+    and the patient's epsilon is the trial's."""
+    ae = stage(model={"latent_channels": 2}, train={"epochs": EPOCHS, "lr": 1e-3, "batch_size": BATCH, "seed": 0},
+               dp={"noise_multiplier": 1.1, "max_grad_norm": 1.0})
+    sweep = write_sweep(tmp_path, sweep_dict("subj", n=N, seed=1, labels=("LVEDV", "LVESV", "ESED"),
+                                             privacy={"unit": "subject"}, cluster={"workers_per_trial": 2},
+                                             stages=[ae]))
+    proc = launch(tmp_path, sweep)
+    assert "per patient" in proc.stdout
+    client = client_for(tmp_path / "runs/subj/mlflow.db")
+    (run,) = trial_runs(client, "subj")
+    params, metrics = run.data.params, run.data.metrics
+    assert params["privacy.unit"] == "subject" and params["data.n_subjects"] == "11"
+    assert params["data.n_train"] == "22" and params["data.max_volumes_per_subject"] == "2"
+    q = float(params["privacy.sample_rate"])
+    assert q == pytest.approx(BATCH / 11)
+    steps = EPOCHS * math.ceil(11 / BATCH)
+    assert metrics["privacy/steps"] == steps
+    assert noise_ledger_lines(tmp_path / "runs/subj", run) == steps
+    assert metrics["privacy/epsilon"] == pytest.approx(independent_epsilon(1.1, q, steps, 1e-3, "rdp"), rel=0.01)
+    assert metrics["privacy/epsilon_subject"] == metrics["privacy/epsilon"]
+    assert metrics["privacy/epsilon_total_subject"] == pytest.approx(metrics["privacy/epsilon"], rel=1e-6)
+    parent = parent_run(client, "subj")
+    assert parent.data.metrics["privacy/epsilon_total_subject"] == pytest.approx(metrics["privacy/epsilon"], rel=1e-6)
