@@ -56,3 +56,14 @@ def test_scaling_help_and_stage_is_valid(capsys):
         stage = StageConfig.model_validate({**scaling.stage_dict(dp, epochs=2, batch=16), "name": "s"})
         assert stage.dp.enabled is dp and stage.train.epochs == 2
     assert {"cores", "cpu", "torch", "gpus"} <= set(scaling.machine())
+
+
+def test_subject_overhead_reports_both_units_side_by_side(tmp_path, capsys):
+    from benchmarks import subject_overhead
+
+    out = tmp_path / "subjects.json"
+    subject_overhead.main(["--modes", "bk", "--repeats", "1", "--batch", "4", "--json", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["mode"] == "bk" and row["volumes_per_step"] == 4
+    assert row["subject_over_record"] == pytest.approx(row["subject_s_per_volume"] / row["record_s_per_volume"])
+    assert "| bk | 13x32x32, 4 |" in capsys.readouterr().out
