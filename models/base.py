@@ -37,8 +37,9 @@ class Adapter(abc.ABC):
         """(loss of shape [B], {component name: tensor of shape [B]}) for a batch."""
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Pad the three spatial dims of [B, C, D, H, W] up to a multiple of `multiple`.
+def pad_to_multiple(x: torch.Tensor, multiple) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Pad the three spatial dims of [B, C, D, H, W] up to a multiple of `multiple` (an int,
+    or one per dim: (1, s, s) for in-plane networks, which leave depth alone).
 
     MONAI's strided convolutions halve every spatial dim; on odd sizes the decoder
     comes back one voxel short (13 -> 6 -> 12, no error). Padding to a multiple of the
@@ -46,7 +47,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     Replicate padding keeps the padded border from looking like an edge.
     """
     spatial = x.shape[2:]
-    extra = [(-s) % multiple for s in spatial]
+    multiples = [multiple] * len(spatial) if isinstance(multiple, int) else list(multiple)
+    extra = [(-s) % m for s, m in zip(spatial, multiples)]
     if not any(extra):
         return x, tuple(spatial)
     # F.pad takes (last dim first) pairs: (w_lo, w_hi, h_lo, h_hi, d_lo, d_hi)

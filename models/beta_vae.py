@@ -13,14 +13,15 @@ from monai.networks.nets import AutoencoderKL
 
 from models.base import Adapter, crop_to, pad_to_multiple
 from models.extra_losses import AdversarialTerm, PerceptualTerm
+from models.inplane import make_in_plane, strides
 
 
 class PaddedAutoencoderKL(nn.Module):
     """AutoencoderKL that accepts any (D, H, W): pads to the total stride, crops back."""
 
-    def __init__(self, channels, latent_channels, num_res_blocks, norm_num_groups):
+    def __init__(self, channels, latent_channels, num_res_blocks, norm_num_groups, downsample="all"):
         super().__init__()
-        self.stride = 2 ** (len(channels) - 1)
+        self.stride = strides(len(channels), downsample)  # (D, H, W)
         self.net = AutoencoderKL(
             spatial_dims=3, in_channels=1, out_channels=1,
             channels=tuple(channels), latent_channels=latent_channels,
@@ -30,6 +31,8 @@ class PaddedAutoencoderKL(nn.Module):
             # through softmax; the reference model has none at these sizes either.
             with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
         )
+        if downsample == "in_plane":
+            make_in_plane(self.net)
 
     def encode(self, x):
         x, spatial = pad_to_multiple(x, self.stride)
@@ -56,7 +59,7 @@ class BetaVAE(Adapter):
                             if c.adversarial_weight > 0 else None)
         self.components = ("recon", "kl") + (("perceptual",) if self.perceptual else ()) + \
             (("adversarial",) if self.adversarial else ())
-        return PaddedAutoencoderKL(c.channels, c.latent_channels, c.num_res_blocks, c.norm_num_groups)
+        return PaddedAutoencoderKL(c.channels, c.latent_channels, c.num_res_blocks, c.norm_num_groups, c.downsample)
 
     def per_sample_loss(self, net, batch):
         x = batch["image"]
@@ -102,5 +105,4 @@ class BetaVAE(Adapter):
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        s = self.network.stride
-        return (self.cfg.latent_channels, *[-(-n // s) for n in self.shape])
+        return (self.cfg.latent_channels, *[-(-n // s) for n, s in zip(self.shape, self.network.stride)])

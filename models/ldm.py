@@ -29,6 +29,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from models.base import Adapter, crop_to, pad_to_multiple
+from models.inplane import make_in_plane, strides
 
 
 def squash(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +151,7 @@ class LDM(Adapter):
 
     def build(self) -> nn.Module:
         c = self.cfg
-        self.stride = 2 ** (len(c.channels) - 1)
+        self.stride = strides(len(c.channels), c.downsample)  # (D, H, W)
         self.latent_shape = (tuple(self.compression.latent_shape) if self.compression is not None
                              else (1, *self.shape))
         attention = c.attention_levels or [False] + [True] * (len(c.channels) - 1)
@@ -164,6 +165,8 @@ class LDM(Adapter):
             # gradients (hooks on the Linear projections around it) are unchanged by it.
             use_flash_attention=True,
         )
+        if c.downsample == "in_plane":  # strided layers that never mix slices, as in the reference LDM
+            make_in_plane(unet)
         schedule = dict(schedule=c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end)
         # Schedulers hold no trainable state: kept outside the network Opacus wraps.
         self.train_scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, **schedule)
@@ -251,7 +254,7 @@ class LDM(Adapter):
         sched.set_timesteps(steps)
         acp = sched.alphas_cumprod.to(dev)
         c, *spatial = self.latent_shape
-        padded = [s + (-s) % self.stride for s in spatial]
+        padded = [s + (-s) % m for s, m in zip(spatial, self.stride)]
         z = torch.randn((n, c, *padded), generator=generator,
                         device=generator.device if generator is not None else dev)
         z = z.to(dev)

@@ -21,6 +21,7 @@ from monai.networks.layers.vector_quantizer import EMAQuantizer, VectorQuantizer
 from monai.networks.nets import VQVAE as MonaiVQVAE
 
 from models.base import Adapter, crop_to, pad_to_multiple
+from models.inplane import make_in_plane, strides
 
 
 @torch.no_grad()
@@ -97,7 +98,7 @@ class PaddedVQVAE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         levels = len(cfg.channels)
-        self.stride = 2 ** (levels - 1)
+        self.stride = strides(levels, cfg.downsample)  # (D, H, W)
         # (stride, kernel, dilation, padding[, output_padding]): the first level keeps the
         # size, each later one halves it; the decoder mirrors that, doubling with k=4, s=2.
         down = [(1, 3, 1, 1)] + [(2, 4, 1, 1)] * (levels - 1)
@@ -109,6 +110,8 @@ class PaddedVQVAE(nn.Module):
             num_embeddings=cfg.num_embeddings, embedding_dim=cfg.embedding_dim,
             output_act="sigmoid",  # images live in [0, 1]; the reference model ends in a sigmoid too
         )
+        if cfg.downsample == "in_plane":  # before the quantizer swap: it has no strided layers anyway
+            make_in_plane(self.net)
         if cfg.codebook == "gradient":
             inner = GradientQuantizer(cfg.num_embeddings, cfg.embedding_dim, cfg.commitment_cost)
         else:
@@ -152,8 +155,7 @@ class VQVAE(Adapter):
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         """(embedding_dim, d, h, w) of `encode_latent` for volumes of `self.shape`."""
-        s = self.network.stride
-        return (self.cfg.embedding_dim, *(-(-n // s) for n in self.shape))
+        return (self.cfg.embedding_dim, *(-(-n // s) for n, s in zip(self.shape, self.network.stride)))
 
     def per_sample_loss(self, net, batch):
         x = batch["image"]

@@ -234,11 +234,16 @@ class EvalConfig(_Strict):
     label_network: Optional[str] = Field(None, description="control metrics: a local TorchScript regressor volume -> labels; null: phantom measurement (phantom labels only)")
     label_network_outputs: Optional[list[str]] = Field(None, description="names of the label network's output columns (labels of `data.labels`)")
     sampling_steps: Optional[int] = Field(None, ge=1, description="DDIM steps when generating for evaluation (default: the model's `num_inference_steps`)")
+    utility: bool = Field(True, description="generators: train a small 3D label regressor on the generated volumes and test it on the real test split (`utility/...`), beside the same net trained on as many real training volumes (`utility_real/...`)")
+    utility_steps: int = Field(150, ge=1, description="Adam steps of each utility regressor (batch 16)")
+    bootstrap: int = Field(500, ge=0, description="bootstrap resamples for the 95% intervals of FD, MMD and the control and utility scores (`<metric>_ci_low` / `_ci_high`); 0: none")
 
     @model_validator(mode="after")
     def _check(self):
         if self.label_network and not self.label_network_outputs:
             raise ValueError("label_network_outputs: expected the label names of the label network's output columns")
+        if 0 < self.bootstrap < 100:
+            raise ValueError(f"bootstrap: {self.bootstrap} resamples give no stable 95% interval; expected 0 (off) or at least 100")
         return self
 
 
@@ -276,7 +281,7 @@ class AuditConfig(_Strict):
                                       f"{AUDIT_MIN_CANARIES}: 100 perfect guesses can show epsilon 2.9 at most)")
     kind: Literal["gradient", "input"] = Field(
         "gradient", description="gradient: white-box Dirac gradient canaries scored by their summed noisy update; "
-                                "input: black-box crafted volumes (white noise in [0, 1]) trained as records and scored by "
+                                "input: black-box crafted volumes (random 0/1 voxels) trained as records and scored by "
                                 "the final model's loss (at most half as many canaries as training records)")
 
 

@@ -146,6 +146,7 @@ def _row(run) -> dict:
         "epsilon_patient": metrics.get(EPS_TOTAL_SUBJECT, metrics.get(EPS_SUBJECT)),
         "start_time": info.start_time or 0, "checkpoint": tags.get(CHECKPOINT),
         "upstream": [params[k] for k in ("upstream.needs", "upstream.init_from") if params.get(k)],
+        "params": dict(params),  # for grouping trials by configuration over seeds (orchestrator/seeds.py)
     }
     row.update(metrics)  # metric names contain "/", so they never collide with the fields above
     return row
@@ -444,9 +445,61 @@ def write_report(rows: list[dict], out_dir, *, metric: str, mode: str, experimen
     write_csv(rows, metric, paths["csv"])
     title = f"{experiment_name}: {metric} vs epsilon_total" if experiment_name else f"{metric} vs epsilon_total"
     plot(rows, metric, mode, paths["png"], title)
+    paths.update(write_seed_aggregates(rows, out, metric=metric, mode=mode, experiment_name=experiment_name))
     if client is not None and parent_run_id:
         for p in paths.values():
             client.log_artifact(parent_run_id, str(p), artifact_path="report")
+    return paths
+
+
+UTILITY = "utility/r_mean"
+
+
+def aggregated_metrics(rows: list[dict], metric: str) -> list[str]:
+    """The metrics averaged over seeds: the report's metric, control and utility scores."""
+    extra = [R_MEAN, ED_ES, UTILITY, "utility/ed_es_accuracy", "utility_real/r_mean"]
+    return [m for m in dict.fromkeys([metric] + extra) if any(_value(r, m) is not None for r in rows)]
+
+
+def print_configurations(rows: list[dict], metric: str) -> None:
+    """Each configuration over its seeds, when some configuration ran with several seeds."""
+    from orchestrator import seeds
+
+    note = seeds.sample_count_note(rows, metric)
+    if note:
+        print(note, file=sys.stderr)
+    groups = seeds.aggregate(rows, aggregated_metrics(rows, metric))
+    if not any(g["n"] > 1 for g in groups):
+        return
+    print(f"\nover seeds: mean [95% interval: t over seeds; a single seed's own bootstrap interval]; "
+          f"scores compared at equal sample counts only (eval/n_samples)")
+    cells = lambda g, m: (f"{fmt_num(g[m])} [{fmt_num(g[m + '_low'])}, {fmt_num(g[m + '_high'])}]"  # noqa: E731
+                          if g.get(m) is not None else "-")
+    ms = aggregated_metrics(rows, metric)
+    head = ["stage", "model", "eps_total", "seeds", "n"] + [short_metric(m) for m in ms]
+    body = [[g["stage"], g["model"], fmt_num(g["epsilon_total"]), str(g["n"]),
+             fmt_num(g["n_samples"])] + [cells(g, m) for m in ms] for g in groups]
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    for r in [head] + body:
+        print(" ".join(f"{c:<{w}}" for c, w in zip(r, widths)).rstrip())
+
+
+def write_seed_aggregates(rows: list[dict], out: Path, *, metric: str, mode: str, experiment_name: str = "") -> dict:
+    """`configurations.csv` (each configuration's mean and 95% interval over its seeds) and the
+    plots with error bars: `<metric>` and, where trials logged it, utility against epsilon."""
+    from orchestrator import seeds
+
+    metrics = aggregated_metrics(rows, metric)
+    groups = seeds.aggregate(rows, metrics)
+    if not groups or not metrics:
+        return {}
+    paths = {"configurations": out / "configurations.csv"}
+    seeds.write_configurations_csv(groups, metrics, paths["configurations"])
+    name = experiment_name + ": " if experiment_name else ""
+    for key, m, mo in (("png_configurations", metric, mode), ("png_utility", UTILITY, "max")):
+        target = out / plot_name(m).replace(".png", "_by_configuration.png")
+        if m in metrics and seeds.plot_configurations(groups, m, mo, target, f"{name}{m} vs epsilon_total"):
+            paths[key] = target
     return paths
 
 
@@ -609,6 +662,7 @@ def main(argv=None) -> int:
     if rows:
         print(f"front (*): {len(front)} of {len(with_metric)} trials with {metric}; "
               f"{len(rows) - len(with_metric)} without it are listed, not plotted")
+        print_configurations(rows, metric)
 
     out = Path(args.out) if args.out else src["out_default"]
     try:
@@ -616,7 +670,8 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"error: cannot write the report to {out}: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {paths['png']} and {paths['csv']} (with run ids)")
+    print(f"wrote {paths['png']} and {paths['csv']} (with run ids)"
+          + "".join(f", {p}" for k, p in paths.items() if k not in ("png", "csv")))
     if not args.no_log:
         try:
             for p in paths.values():

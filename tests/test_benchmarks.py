@@ -67,3 +67,18 @@ def test_subject_overhead_reports_both_units_side_by_side(tmp_path, capsys):
     assert row["mode"] == "bk" and row["volumes_per_step"] == 4
     assert row["subject_over_record"] == pytest.approx(row["subject_s_per_volume"] / row["record_s_per_volume"])
     assert "| bk | 13x32x32, 4 |" in capsys.readouterr().out
+
+
+def test_audit_cost_reports_the_three_sides(tmp_path, capsys):
+    from benchmarks import audit_cost
+
+    out = tmp_path / "audit.json"
+    audit_cost.main(["--shape", "3", "8", "8", "--epochs", "1", "--repeats", "1", "--max-steps", "2",
+                     "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["none", "gradient", "input"]
+    assert rows["none"]["wall_ratio"] == 1.0 and rows["none"]["audit/epsilon_lower"] is None
+    for side in ("gradient", "input"):
+        assert rows[side]["train_ratio"] == pytest.approx(rows[side]["train_s"] / rows["none"]["train_s"])
+        assert 0 <= rows[side]["audit/epsilon_lower"] <= rows[side]["epsilon"]
+    assert "| input, M = 100 |" in capsys.readouterr().out

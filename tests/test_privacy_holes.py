@@ -177,6 +177,7 @@ class _Plan:
         from orchestrator.config import DataConfig
 
         self.stage, self.n_train, self.select_data = st, n, None
+        self.unit, self.n_units, self.val_group_size = "record", n, None
         self.data = DataConfig(root="d", private=private)
 
 

@@ -18,9 +18,16 @@ Poisson batch with the run's probability q (only if its coin put it in the datas
 score is the sum over steps of the noisy aggregated gradient on j(i). See GradientCanaries
 for where it enters the step.
 
-Black-box input canaries (`audit.kind: input`: crafted volumes in the training set, scored
-by the final model's loss) are named by the schema but not implemented yet: the sweep file
-is refused with one line.
+Black-box input canaries (`audit.kind: input`): M crafted volumes (random 0/1 voxels,
+far from any anatomy) that are training records like any other: an included canary joins
+each step's Poisson batch with probability q, is clipped, and its gradient goes under the
+same noise; its score is minus the final model's loss on it. See InputCanaries.
+
+The secret (one 62-bit seed from OS entropy, from which the coins, the coordinates and the
+volumes derive) is never logged, to MLflow or the console. It is saved in the trial's
+checkpoint (`state_dict`), which the data custodian keeps like the model, so that a
+restarted trial continues the same audit: same canaries, scores and steps adding up. Each
+step's Poisson draws come from a fresh OS-entropy stream per worker group (not saved).
 
 The bound is computed here with scipy, written from the paper (its Algorithm / appendix
 code); no library implements it for PyTorch.
@@ -103,6 +110,25 @@ def audit_bound(scores: Sequence[float], included: Sequence[bool], delta: float,
 
 
 # ------------------------------------------------------------------------------------
+# The secret
+
+def shared_secrets(n: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """n 62-bit seeds from OS entropy, drawn on rank 0 and broadcast: every rank holds the
+    same canaries. Never logged; only the trial checkpoint keeps the canaries' seed."""
+    seeds = torch.tensor([secrets.randbits(62) if rank == 0 else 0 for _ in range(n)], dtype=torch.int64)
+    if world_size > 1:
+        dist.broadcast(seeds, src=0)
+    return [int(x) for x in seeds.tolist()]
+
+
+def _check_state(state: dict, kind: str, m: int) -> None:
+    if state.get("kind") != kind or state.get("canaries") != m:
+        raise ValueError(f"audit: the checkpoint holds {state.get('canaries')} {state.get('kind')} canaries, not "
+                         f"{m} {kind} canaries; "
+                         "a trial resumes with the audit it started with")
+
+
+# ------------------------------------------------------------------------------------
 # Gradient canaries
 
 class GradientCanaries:
@@ -130,15 +156,19 @@ class GradientCanaries:
 
     def __init__(self, params: Sequence[torch.Tensor], canaries: int, *, max_grad_norm: float, sample_rate: float,
                  expected_batch: float, rank: int = 0, world_size: int = 1):
-        seed = torch.tensor([secrets.randbits(62) if rank == 0 else 0], dtype=torch.int64)
-        if world_size > 1:
-            dist.broadcast(seed, src=0)
-        self._rng = np.random.default_rng(int(seed.item()))
         self.params = [p for p in params if p.requires_grad]
         self.m, self.q, self.expected_batch = int(canaries), float(sample_rate), float(expected_batch)
         # The canary's gradient, clipped as Opacus clips a record (factor C / (norm + 1e-6)).
         norm = float(max_grad_norm)
         self.clipped = norm * min(1.0, max_grad_norm / (norm + 1e-6))
+        seed, stream = shared_secrets(2, rank, world_size)
+        self._stream = np.random.default_rng(stream)   # the Poisson draws, the same on every rank
+        self._draw(seed)
+        self._handle = None
+
+    def _draw(self, seed: int) -> None:
+        """Coordinates and coins from the secret `seed` (restored from a checkpoint on resume)."""
+        self.seed, rng = int(seed), np.random.default_rng(int(seed))
         pool = [i for i, p in enumerate(self.params) if p.dim() >= 2]
         if sum(self.params[i].numel() for i in pool) < self.m:
             pool = list(range(len(self.params)))
@@ -146,7 +176,7 @@ class GradientCanaries:
         if sizes.sum() < self.m:
             raise ValueError(f"audit.canaries: {self.m} canaries need {self.m} distinct coordinates; "
                              f"the model has {int(sizes.sum())} trainable parameters")
-        flat = self._rng.choice(int(sizes.sum()), size=self.m, replace=False)
+        flat = rng.choice(int(sizes.sum()), size=self.m, replace=False)
         owner = np.searchsorted(np.cumsum(sizes), flat, side="right")
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.slots = []   # (param, local flat indices, canary ids)
@@ -155,10 +185,19 @@ class GradientCanaries:
             p = self.params[pool[k]]
             self.slots.append((p, torch.as_tensor(flat[ids] - starts[k], device=p.device),
                                torch.as_tensor(ids, device=p.device)))
-        self.included = self._rng.random(self.m) < 0.5      # the secret coins: never logged
+        self.included = rng.random(self.m) < 0.5      # the secret coins: never logged
         self.scores = np.zeros(self.m)
         self.steps = 0
-        self._handle = None
+
+    def state_dict(self) -> dict:
+        """For the trial checkpoint only (it holds the secret seed; torch.load(weights_only=True))."""
+        return {"kind": "gradient", "canaries": self.m, "seed": self.seed, "steps": self.steps,
+                "scores": torch.as_tensor(self.scores, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(state, "gradient", self.m)
+        self._draw(state["seed"])
+        self.scores, self.steps = state["scores"].double().cpu().numpy().copy(), int(state["steps"])
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "GradientCanaries":
         """`optimizer`: the plain torch optimizer the DP stepper steps last."""
@@ -172,7 +211,7 @@ class GradientCanaries:
 
     def step(self) -> None:
         # Poisson: each included canary joins this step's batch with probability q.
-        joined = (self._rng.random(self.m) < self.q) & self.included
+        joined = (self._stream.random(self.m) < self.q) & self.included
         add = torch.as_tensor(joined * (self.clipped / self.expected_batch))
         for p, local, ids in self.slots:
             g = p.grad.view(-1)
@@ -184,3 +223,101 @@ class GradientCanaries:
     def result(self, delta: float) -> dict:
         """The audit (after the last step): the bound and what it rests on."""
         return {**audit_bound(self.scores, self.included, delta), "audit/steps": self.steps}
+
+
+# ------------------------------------------------------------------------------------
+# Input canaries
+
+class InputCanaries:
+    """M crafted volumes in the training set, audited black-box by the final model's loss.
+
+    Canary i is a volume of the data's shape of random black-and-white voxels (each 0 or 1),
+    labels unknown: out of the data's distribution and far from every other canary, so a
+    model that learns it shows it. Its coin puts it in the training set with probability
+    1/2; an included canary is a record of its own (its own unit of privacy, also with
+    `privacy.unit: subject`).
+
+    Where they enter: `attach` has the stepper run `train_step` when a step's last real
+    micro-batch is done, before the step's final microbatch_done (rank 0 only: a canary is
+    one record, counted once). There the included canaries join the step independently with
+    the run's q and run as extra micro-batches through the adapter's per-sample loss and the
+    stepper's backward: clipped like every record, summed, under the same noise.
+
+    Scoring (`result`, after the last step): minus the per-sample loss of the trained
+    weights on each canary (eval mode, the fixed random draws of validation), then
+    audit_bound: in-canaries should have the lower loss.
+    """
+
+    def __init__(self, canaries: int, shape: Sequence[int], n_labels: int, *, sample_rate: float,
+                 physical_batch_size: int, rank: int = 0, world_size: int = 1):
+        self.m, self.shape, self.n_labels, self.q = int(canaries), tuple(shape), int(n_labels), float(sample_rate)
+        self.batch_size, self.rank = int(physical_batch_size), rank
+        seed, stream = shared_secrets(2, rank, world_size)
+        self._stream = np.random.default_rng(stream)   # which included canaries join each step
+        self._draw(seed)
+        self.stepper = self.adapter = self._close = None
+
+    def _draw(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.included = np.random.default_rng(self.seed).random(self.m) < 0.5   # the secret coins
+        self.steps = 0
+
+    def batch(self, ids, device="cpu") -> dict:
+        """Canaries `ids` as a training batch (volumes drawn again from the seed: nothing kept)."""
+        images = np.stack([np.random.default_rng([self.seed, int(i)]).integers(0, 2, size=self.shape).astype(np.float32)
+                           for i in ids])
+        n = len(images)
+        return {"image": torch.from_numpy(images).unsqueeze(1).to(device),
+                "labels": torch.zeros(n, self.n_labels, device=device),
+                "label_mask": torch.zeros(n, self.n_labels, dtype=torch.bool, device=device)}
+
+    def attach(self, stepper, adapter, device="cpu") -> "InputCanaries":
+        """Run `train_step` before every step's final microbatch_done of `stepper` (rank 0)."""
+        self.stepper, self.adapter, self.device = stepper, adapter, device
+        self._close = close = stepper.microbatch_done
+        if self.rank == 0:
+            def done(last: bool) -> None:
+                if last:
+                    self.train_step()
+                close(last)
+            stepper.microbatch_done = done
+        return self
+
+    def train_step(self) -> None:
+        """This step's canaries: each included one joins with probability q (rank 0, once per
+        step, before the step's final microbatch_done)."""
+        joined = np.flatnonzero(self.included & (self._stream.random(self.m) < self.q))
+        self.steps += 1
+        for start in range(0, len(joined), self.batch_size):
+            self._close(False)   # the micro-batch before (the step's records, maybe none): clipped, kept
+            loss, _ = self.adapter.per_sample_loss(self.stepper.module,
+                                                   self.batch(joined[start:start + self.batch_size], self.device))
+            self.stepper.backward(loss, getattr(self.adapter, "rows_per_sample", 1))
+
+    def scores(self) -> np.ndarray:
+        """Minus each canary's per-sample loss under the trained weights."""
+        net, out = self.stepper.network, []
+        net.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            for start in range(0, self.m, self.batch_size):
+                ids = range(start, min(start + self.batch_size, self.m))
+                loss, _ = self.adapter.per_sample_loss(net, self.batch(ids, self.device))
+                out.append(-loss.detach().double().cpu().numpy())
+        net.train()
+        return np.concatenate(out)
+
+    def result(self, delta: float) -> dict:
+        """The audit (after the last step, rank 0; other ranks hold no canary)."""
+        if self.rank != 0:
+            return {}
+        return {**audit_bound(self.scores(), self.included, delta), "audit/steps": self.steps}
+
+    def state_dict(self) -> dict:
+        """For the trial checkpoint only (it holds the secret seed; torch.load(weights_only=True))."""
+        return {"kind": "input", "canaries": self.m, "seed": self.seed, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(state, "input", self.m)
+        self._draw(state["seed"])
+        self.steps = int(state["steps"])

@@ -145,13 +145,20 @@ def ms_ssim_diversity(gen) -> float:
 
 
 # --------------------------------------------------------------------------- generators
-def generation_metrics(real, gen, extractor=None) -> dict[str, float]:
+def generation_metrics(real, gen, extractor=None, bootstrap: int = 0) -> dict[str, float]:
     """Frechet distance in the extractor's features (None: the built-in phantom3d), MMD and
-    MS-SSIM diversity of ``gen`` against ``real`` test volumes."""
+    MS-SSIM diversity of ``gen`` against ``real`` test volumes; with ``bootstrap`` resamples,
+    95% intervals of FD and MMD too (``fidelity/fd_ci_low`` ..., trainers/uncertainty.py)."""
+    from trainers.uncertainty import fidelity_intervals
+
     extractor = extractor or default_extractor()
-    return {"fidelity/fd": frechet_distance(extractor(real), extractor(gen)),
-            "fidelity/mmd": mmd(real, gen),
-            "fidelity/ms_ssim_diversity": ms_ssim_diversity(gen)}
+    f_real, f_gen = extractor(real), extractor(gen)
+    out = {"fidelity/fd": frechet_distance(f_real, f_gen),
+           "fidelity/mmd": mmd(real, gen),
+           "fidelity/ms_ssim_diversity": ms_ssim_diversity(gen)}
+    if bootstrap:
+        out.update(fidelity_intervals(f_real, f_gen, real, gen, n_resamples=bootstrap))
+    return out
 
 
 _DEFAULT = []

@@ -338,7 +338,8 @@ def finish(trial: Trial, metrics: dict, state: dict, folder: str) -> None:
         net.load_state_dict(trial.ema.state_dict())
     net.eval()
     if stage.eval.enabled and len(trial.test_set):
-        metrics.update(evaluate_trial(trial.adapter, stage, trial.data, trial.test_set, trial.device, pbs))
+        metrics.update(evaluate_trial(trial.adapter, stage, trial.data, trial.test_set, trial.device, pbs,
+                                      train_set=trial.train_set))
         # the evaluation goes into the checkpoint too, so a replay (restore) has it
         trial.history[-1] = state["metrics"] = _loggable(metrics)
         trial.say(f"evaluation on {int(metrics['eval/n_samples'])} test volumes: "

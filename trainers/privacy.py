@@ -24,9 +24,11 @@ Read this file to audit the privacy story of a trial:
   last checkpoint is recovered from the noise ledger, so a resumed run continues its
   epsilon rather than restarting it. The facts that let anyone recompute epsilon
   (sigma, q, steps, delta, accountant) are reported with every epoch.
-* Auditing. A stage with `audit` adds canaries at the end of every step, whatever the
-  stepper below (trainers/audit.py: a pre-step hook on the plain optimizer, after noise and
-  all-reduce), and reports a measured lower bound on epsilon; such a trial is no release.
+* Auditing. A stage with `audit` adds canaries to every step, whatever the stepper below
+  (trainers/audit.py): gradient canaries in a pre-step hook on the plain optimizer (after
+  noise and all-reduce), input canaries as extra micro-batches of records before a step's
+  final microbatch_done (clipped and noised like the rest). It reports a measured lower
+  bound on epsilon; such a trial is no release.
 
 Non-DP training shares the sampling/stepping structure (shuffled fixed-size batches) so the
 training loop has one shape.

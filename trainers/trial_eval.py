@@ -4,8 +4,12 @@ Compression models: reconstruction MSE / PSNR / SSIM of `eval.n_samples` test vo
 Generators: as many volumes generated with those test volumes' labels, scored against
 them (Frechet distance in the configured feature space, MMD, MS-SSIM diversity), and the
 labels measured back on the generated volumes (controllability: Pearson r and MAE per
-label, end-diastole/end-systole accuracy). Metric names: `fidelity/...`, `control/...`,
-and `time/eval_s`.
+label, end-diastole/end-systole accuracy), and the downstream utility of the generated
+volumes (trainers/utility.py: train on synthetic, test on real). Compression models also log
+`fidelity/recon_fd`, the FD of the test volumes against their own reconstructions: the
+floor for a generator decoding through them. With `eval.bootstrap`, 95% intervals
+(`<metric>_ci_low` / `_ci_high`, trainers/uncertainty.py). Metric names: `fidelity/...`,
+`control/...`, `utility/...`, `utility_real/...`, `time/eval_s`.
 
 The test split may be private. These numbers are what the researcher reads, like
 `val/loss`; choosing a trial by them is a release that the tuning cost in the privacy
@@ -20,8 +24,10 @@ import torch
 
 from models import GENERATOR_FAMILIES
 from orchestrator.config import DataConfig, StageConfig
-from trainers.evaluation import control_scores, generation_metrics, reconstruction_metrics
+from trainers.evaluation import control_scores, frechet_distance, generation_metrics, reconstruction_metrics
 from trainers.features import load_feature_extractor, load_label_measurer
+from trainers.uncertainty import fd_interval, scores_intervals
+from trainers.utility import utility_metrics
 
 EVAL_SEED = 4321
 
@@ -33,7 +39,8 @@ def _test_batch(test_set, n: int):
 
 
 @torch.no_grad()
-def evaluate_trial(adapter, stage: StageConfig, data: DataConfig, test_set, device, chunk: int) -> dict:
+def evaluate_trial(adapter, stage: StageConfig, data: DataConfig, test_set, device, chunk: int,
+                   train_set=None) -> dict:
     cfg = stage.eval
     t0 = time.perf_counter()
     real, labels, mask = _test_batch(test_set, cfg.n_samples)
@@ -47,18 +54,41 @@ def evaluate_trial(adapter, stage: StageConfig, data: DataConfig, test_set, devi
                      for i in range(0, len(real), chunk)]
             fake = torch.cat(fakes).clamp(0, 1)
             extractor = load_feature_extractor(cfg.feature_network, cfg.feature_mode, cfg.slices, device="cpu")
-            metrics.update(generation_metrics(real, fake, extractor))
+            metrics.update(generation_metrics(real, fake, extractor, bootstrap=cfg.bootstrap))
             measurer = load_label_measurer(cfg.label_network, list(data.labels), cfg.label_network_outputs)
             if measurer is not None:
                 measured = measurer(fake)
                 lab = labels.numpy().astype(np.float64)
                 lab[~mask.numpy()] = np.nan
                 requested = {name: lab[:, j] for j, name in enumerate(data.labels) if name in measured}
-                metrics.update(control_scores(requested, measured))
+                scores = control_scores(requested, measured)
+                metrics.update(scores)
+                if cfg.bootstrap:
+                    on_rows = lambda i: control_scores({k: v[i] for k, v in requested.items()},  # noqa: E731
+                                                       {k: np.asarray(measured[k])[i] for k in requested})
+                    metrics.update(scores_intervals(on_rows, len(fake), list(scores), n_resamples=cfg.bootstrap))
+            if cfg.utility and data.labels:
+                lab = labels.numpy().astype(np.float64)
+                lab[~mask.numpy()] = np.nan
+                ref, ref_lab = None, None
+                if train_set is not None and len(train_set):
+                    ref, ref_labels, ref_mask = _test_batch(train_set, len(fake))
+                    ref_lab = ref_labels.numpy().astype(np.float64)
+                    ref_lab[~ref_mask.numpy()] = np.nan
+                metrics.update(utility_metrics(fake, lab, real, lab, list(data.labels), real_train=ref,
+                                               real_train_labels=ref_lab, steps=cfg.utility_steps,
+                                               bootstrap=cfg.bootstrap))
         else:
             recon = torch.cat([adapter.decode_latent(adapter.encode_latent(real[i:i + chunk].to(device))).cpu()
                                for i in range(0, len(real), chunk)])
             metrics.update(reconstruction_metrics(real, recon.clamp(0, 1)))
+            # The floor a generator decoding through this model can reach: FD of the real test
+            # volumes against their own reconstructions, at the same sample count.
+            extractor = load_feature_extractor(cfg.feature_network, cfg.feature_mode, cfg.slices, device="cpu")
+            f_real, f_recon = extractor(real), extractor(recon.clamp(0, 1))
+            metrics["fidelity/recon_fd"] = frechet_distance(f_real, f_recon)
+            if cfg.bootstrap:
+                metrics.update(fd_interval(f_real, f_recon, n_resamples=cfg.bootstrap, name="fidelity/recon_fd"))
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["time/eval_s"] = time.perf_counter() - t0
     metrics["eval/n_samples"] = float(len(real))
