@@ -172,15 +172,16 @@ def merge_history(history) -> list[tuple[float, float, int]]:
     return [(s, q, n) for (s, q), n in merged.items()]
 
 
-def gdp_epsilon(history, delta: float) -> float:
+def gdp_epsilon(history, delta: float, group_size: int = 1) -> float:
     """Opacus's GDP (central limit theorem) accountant over a whole history: each entry is
     mu_i-GDP (Opacus's `compute_mu_poisson`) and mu-GDP composes as sqrt(sum mu_i^2).
     Opacus's GaussianAccountant itself reads only its last history entry and overwrites the
-    history on `step`, so 100 restored steps + 5 recovered + 1 new would count as 6."""
+    history on `step`, so 100 restored steps + 5 recovered + 1 new would count as 6.
+    `group_size` k: a mu-GDP mechanism is (k mu)-GDP for groups of k records."""
     from opacus.accountants.analysis import gdp
 
-    mu = math.sqrt(sum(gdp.compute_mu_poisson(steps=n, noise_multiplier=s, sample_rate=q) ** 2
-                       for s, q, n in history))
+    mu = group_size * math.sqrt(sum(gdp.compute_mu_poisson(steps=n, noise_multiplier=s, sample_rate=q) ** 2
+                                    for s, q, n in history))
     if gdp.delta_eps_mu(eps=0.0, mu=mu) <= delta:
         return 0.0
     if not math.isfinite(mu) or gdp.delta_eps_mu(eps=500.0, mu=mu) > delta:
@@ -218,13 +219,7 @@ def group_epsilon(history, delta: float, group_size: int, accountant: str) -> fl
     if k <= 1 or not history:
         return epsilon_of(history, delta, accountant)
     if accountant == "gdp":
-        from opacus.accountants.analysis import gdp
-
-        mu = k * math.sqrt(sum(gdp.compute_mu_poisson(steps=n, noise_multiplier=s, sample_rate=q) ** 2
-                               for s, q, n in history))
-        if not math.isfinite(mu) or gdp.delta_eps_mu(eps=500.0, mu=mu) > delta:
-            return math.inf
-        return float(gdp.eps_from_mu(mu=mu, delta=delta)) if gdp.delta_eps_mu(eps=0.0, mu=mu) > delta else 0.0
+        return gdp_epsilon(history, delta, group_size=k)
     from opacus.accountants.analysis import rdp as rdp_analysis
     from opacus.accountants.rdp import RDPAccountant
 
