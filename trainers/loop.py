@@ -176,7 +176,7 @@ def setup(config: dict) -> Trial:
                                        adapter=adapter, data=data, device=device))
 
 
-def add_canaries(stage: StageConfig, stepper, optimizer, facts, n_train: int, rank: int, world: int, *,
+def add_canaries(stage: StageConfig, stepper, optimizer, facts, n_units: int, rank: int, world: int, *,
                  adapter, data: DataConfig, device):
     """`audit`: canaries ride on every DP step from the first to the last (trainers/audit.py):
     gradient canaries on the plain optimizer's step, input canaries as extra micro-batches
@@ -191,7 +191,7 @@ def add_canaries(stage: StageConfig, stepper, optimizer, facts, n_train: int, ra
                              physical_batch_size=stage.train.physical_batch_size, rank=rank,
                              world_size=world).attach(stepper, adapter, device)
     return GradientCanaries(stepper.params, stage.audit.canaries, max_grad_norm=facts.max_grad_norm,
-                            sample_rate=facts.sample_rate, expected_batch=facts.sample_rate * n_train,
+                            sample_rate=facts.sample_rate, expected_batch=facts.sample_rate * n_units,
                             rank=rank, world_size=world).attach(optimizer)
 
 
