@@ -273,20 +273,22 @@ def _dataset_entry(ms: list[Mechanism], delta: float, accountant: str) -> dict:
     subjects = [m for m in active if m.unit == "subject"]
     k = max((m.group_size for m in records), default=1)
     known = all(m.group_size >= 1 for m in records)
-    eps, note = compose_epsilon_details(records or subjects, delta, accountant)
-    unit = "subject" if subjects and not records else "record"
-    subject = None
-    if not subjects:
-        subject = (eps if k <= 1 else group_compose_epsilon(records, delta, accountant, k)) if known else None
-    elif not records:
-        subject = eps
-    else:
+    if records and subjects:
         unit = "mixed"
-        subject = (compose_epsilon(subjects, delta / 2, accountant)
-                   + group_compose_epsilon(records, delta / 2, accountant, max(k, 1)))
-        eps = subject
+        # a record-level part whose group size is unknown has no patient bound: never under-report
+        part = group_compose_epsilon(records, delta / 2, accountant, k) if known else math.inf
+        eps = subject = compose_epsilon(subjects, delta / 2, accountant) + part
         note = ("record- and subject-level training on one dataset: composed at the subject level (group privacy "
                 "for the record-level part, basic composition at delta/2 each)")
+    else:
+        unit = "subject" if subjects else "record"
+        eps, note = compose_epsilon_details(records or subjects, delta, accountant)
+        if subjects:
+            subject = eps
+        elif known:
+            subject = eps if k <= 1 else group_compose_epsilon(records, delta, accountant, k)
+        else:
+            subject = None
     entry = {"epsilon": float(eps), "epsilon_subject": None if subject is None else float(subject), "unit": unit,
              "mechanisms": [m.to_dict() for m in ms]}
     if records and known:
