@@ -92,20 +92,25 @@ def test_cost_rule():
 
 
 def test_one_backward_skips_the_batch_weight_gradient():
-    """In `bk` mode autograd never computes the (discarded) batch weight gradient of a conv
-    or linear layer; the hooks still give per-sample gradients, and the weight is trainable
-    again after the forward (the optimizer updates it)."""
+    """In `bk` mode autograd never computes the (discarded) batch weight or bias gradient of
+    a conv or linear layer (oneDNN computes a conv's weight gradient whenever its bias
+    gradient is asked for); the hooks still give per-sample gradients, and the parameters
+    are trainable again after the forward (the optimizer updates them)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.SiLU(), nn.Conv3d(4, 2, 3, bias=False), nn.Flatten(),
-                        nn.Linear(2 * 3 * 6 * 6, 3, bias=False))
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.SiLU(), nn.Conv3d(4, 2, 3, bias=False), nn.SiLU(),
+                        nn.Conv3d(2, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 3 * 6 * 6, 3, bias=False))
     gsm = BookKeepingGradSampleModule(net, ghost=False)
     x = torch.randn(2, 1, 5, 8, 8)
     out = gsm(x)
     assert all(p.requires_grad for p in net.parameters())
     out.sum().backward()
-    for layer in (net[0], net[2], net[4]):
+    for layer in (net[0], net[2], net[4], net[6]):
         assert layer.weight.grad is None and layer.weight.grad_sample.shape == (2, *layer.weight.shape)
-    assert net[0].bias.grad is not None  # the bias keeps its (cheap) gradient: it keeps the graph alive
+    # the first layer keeps its bias gradient (cheaper than the input gradient that would
+    # otherwise keep it in the graph); the second layer's bias-free weight gradient is skipped
+    assert net[0].bias.grad is not None and net[0].bias.grad_sample.shape == (2, 4)
+    # a later layer's bias gradient is skipped too (oneDNN would compute the weight gradient with it)
+    assert net[4].bias.grad is None and net[4].bias.grad_sample.shape == (2, 2)
     gsm.disable_hooks()
     want = direct(net, x, torch.ones(2, 3))
     for j, p in enumerate(net.parameters()):

@@ -57,19 +57,29 @@ class BookKeepingGradSampleModule(GradSampleModule):
     def _weight_grad_off(self, module, args):
         if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
             return None
-        module.weight.requires_grad_(False)
-        module._bk_skipped = True
+        # The bias too: oneDNN's convolution backward computes the weight gradient whenever
+        # the bias gradient is asked for (an input-only backward with the bias costs as much
+        # as the full one, twice an input-only backward without it: measured here). The bias's
+        # per-sample gradient is the output gradient summed over positions (the grad sampler).
+        # A first layer (its input needs no gradient) keeps its bias: that keeps the output in
+        # the graph (so Opacus's backward hook fires) at the cost of a weight gradient, which
+        # is cheaper there than the input gradient the alternative would compute.
         has_bias = module.bias is not None and module.bias.requires_grad
+        keep_bias = has_bias and not args[0].requires_grad
+        skipped = [module.weight] + ([module.bias] if has_bias and not keep_bias else [])
+        for p in skipped:
+            p.requires_grad_(False)
+        module._bk_skipped = skipped
         if not has_bias and not args[0].requires_grad:
             # Nothing else would make the output require grad, and Opacus's backward hook
-            # would never fire: let the input carry a (cheap) gradient instead.
+            # would never fire: let the input carry a gradient instead.
             return (args[0].detach().requires_grad_(), *args[1:])
         return None
 
     def _weight_grad_on(self, module, args, output):
-        if getattr(module, "_bk_skipped", False):
-            module.weight.requires_grad_(True)
-            module._bk_skipped = False
+        for p in getattr(module, "_bk_skipped", ()):
+            p.requires_grad_(True)  # back on before Opacus's forward hook and the backward
+        module._bk_skipped = ()
 
     def capture_backprops_hook(self, module, _forward_input, forward_output, loss_reduction, batch_first):
         if not self.hooks_enabled:
