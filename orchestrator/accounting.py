@@ -57,8 +57,9 @@ def lineage_total(row: dict, by_key: dict[str, dict], delta: float, accountant: 
     mechs = [mech for m in members if m.get("private") and (mech := mechanism_of(m)) is not None]
     book = L.ledger_for(mechs, delta, accountant)
     book["lineage"] = [m["key"] for m in members]
-    if leaks or unknown:   # never a finite number that might under-report
+    if leaks or unknown:   # never a finite number that might under-report, per volume or per patient
         book["epsilon_total"] = INF
+        book["epsilon_total_subject"] = INF
         book["not_private"] = ([f"{m['stage']}/{m['trial_id']} trained on private data {m['data']} without DP"
                                 for m in leaks]
                                + [f"{m['stage']}/{m['trial_id']} reported no privacy facts (failed before "

@@ -269,3 +269,21 @@ def test_a_sample_without_subject_among_samples_with_one_is_refused(tmp_path):
     np.savez(f, image=image, labels=labels)
     with pytest.raises(DataError, match=r"s000001_es.npz .* has no `subject` entry while other samples do"):
         validate_dataset(root, ["LVEDV"], (5, 16, 16))
+
+
+def test_a_lineage_that_trained_on_private_subjects_without_dp_is_infinite_per_patient_too():
+    """A DP compression model on private subjects, then a non-DP generator fine-tuned on them:
+    the generator's lineage is infinite per volume AND per patient (was 0.0 per patient: the
+    ledger composed only the mechanisms it had, and the non-DP trial has none)."""
+    from orchestrator.accounting import lineage_total
+
+    dp = {"key": "ae", "stage": "ae", "trial_id": "t0", "private": True, "dp": True, "sigma": 1.0, "q": 0.1,
+          "steps": 10, "data": "/d", "unit": "subject", "group_size": 2}
+    leak = {"key": "gen", "stage": "gen", "trial_id": "t1", "private": True, "dp": False, "data": "/d",
+            "needs_key": "ae"}
+    rows = {r["key"]: r for r in (dp, leak)}
+    eps, book = lineage_total(leak, rows, 1e-5, "rdp")
+    assert eps == book["epsilon_total"] == book["epsilon_total_subject"] == math.inf
+    assert book["not_private"]
+    eps, book = lineage_total(dp, rows, 1e-5, "rdp")      # the DP model alone stays finite
+    assert 0 < book["epsilon_total"] == book["epsilon_total_subject"] < math.inf
