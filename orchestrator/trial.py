@@ -12,9 +12,18 @@ from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from trainers.loop import train_worker
-
 DRIVER_CPUS = 0.05  # the driver only waits on the trainer; Tune rejects a request of 0
+
+
+def train_worker(config: dict) -> None:
+    """What each Ray Train worker runs: `trainers.loop.train_worker`, imported there.
+
+    Ray pickles this function by reference into the trial driver and the Train controller;
+    referring to trainers.loop directly would make both import it (MONAI and Opacus: about
+    5 of its 7 s of imports), on the cores the workers train on, for every trial."""
+    from trainers.loop import train_worker as loop
+
+    return loop(config)
 
 
 def run_trial(config: dict, meta: dict) -> None:
