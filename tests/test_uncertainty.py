@@ -117,6 +117,17 @@ def test_trial_evaluation_logs_intervals_for_generators_and_the_reconstruction_f
         assert m[f"{fd}_ci_low"] <= m[fd] <= m[f"{fd}_ci_high"], m
         if model is ldm:
             assert "fidelity/mmd_ci_low" in m and "control/r_mean_ci_high" in m
+    # A latent generator logs the floors of ITS test volumes through its frozen compression
+    # model: the same recon_fd the compression model itself reports on them
+    kl_adapter = build_adapter(kl, shape, len(LABELS))
+    floor = evaluate_trial(kl_adapter, StageConfig(name="s", model=kl, eval={"n_samples": 8, "bootstrap": 0}),
+                           data, items, "cpu", 4)["fidelity/recon_fd"]
+    latent = evaluate_trial(build_adapter(ldm, shape, len(LABELS), compression=kl_adapter), StageConfig(
+        name="s", model=ldm, eval={"n_samples": 8, "bootstrap": 100, "utility": False}), data, items, "cpu", 4)
+    assert latent["fidelity/recon_fd"] == pytest.approx(floor, rel=1e-5)
+    assert latent["fidelity/recon_fd_ci_low"] <= latent["fidelity/recon_fd"] <= latent["fidelity/recon_fd_ci_high"]
+    assert {"control/recon_r_mean", "control/recon_ed_es_accuracy", "control/recon_LVEDV/r"} <= set(latent)
+    assert "fidelity/recon_fd" not in m   # an image-space generator has no compression floor
     off = evaluate_trial(build_adapter(ldm, shape, len(LABELS)), StageConfig(name="s", model=ldm, eval={"n_samples": 8, "bootstrap": 0, "utility": False}),
                          data, items, "cpu", 4)
     assert not [k for k in off if "_ci_" in k]

@@ -7,7 +7,9 @@ labels measured back on the generated volumes (controllability: Pearson r and MA
 label, end-diastole/end-systole accuracy), and the downstream utility of the generated
 volumes (trainers/utility.py: train on synthetic, test on real). Compression models also log
 `fidelity/recon_fd`, the FD of the test volumes against their own reconstructions: the
-floor for a generator decoding through them. With `eval.bootstrap`, 95% intervals
+floor for a generator decoding through them; a latent generator logs the same floors on its
+own test volumes through its frozen compression model (`fidelity/recon_fd`, and
+`control/recon_r_mean`, `control/recon_ed_es_accuracy`, `control/recon_<LABEL>/r`). With `eval.bootstrap`, 95% intervals
 (`<metric>_ci_low` / `_ci_high`, trainers/uncertainty.py). Metric names: `fidelity/...`,
 `control/...`, `utility/...`, `utility_real/...`, `time/eval_s`.
 
@@ -55,6 +57,17 @@ def evaluate_trial(adapter, stage: StageConfig, data: DataConfig, test_set, devi
             fake = torch.cat(fakes).clamp(0, 1)
             extractor = load_feature_extractor(cfg.feature_network, cfg.feature_mode, cfg.slices, device="cpu")
             metrics.update(generation_metrics(real, fake, extractor, bootstrap=cfg.bootstrap))
+            compression = getattr(adapter, "compression", None)
+            recon = None
+            if compression is not None:
+                # The floors on THESE test volumes: what decoding through the frozen compression
+                # model allows (FD against their own reconstructions, controllability of them).
+                recon = torch.cat([compression.decode_latent(compression.encode_latent(real[i:i + chunk].to(device))).cpu()
+                                   for i in range(0, len(real), chunk)]).clamp(0, 1)
+                f_real, f_recon = extractor(real), extractor(recon)
+                metrics["fidelity/recon_fd"] = frechet_distance(f_real, f_recon)
+                if cfg.bootstrap:
+                    metrics.update(fd_interval(f_real, f_recon, n_resamples=cfg.bootstrap, name="fidelity/recon_fd"))
             measurer = load_label_measurer(cfg.label_network, list(data.labels), cfg.label_network_outputs)
             if measurer is not None:
                 measured = measurer(fake)
@@ -63,6 +76,10 @@ def evaluate_trial(adapter, stage: StageConfig, data: DataConfig, test_set, devi
                 requested = {name: lab[:, j] for j, name in enumerate(data.labels) if name in measured}
                 scores = control_scores(requested, measured)
                 metrics.update(scores)
+                if recon is not None:
+                    floor = control_scores(requested, measurer(recon))
+                    metrics.update({k.replace("control/", "control/recon_", 1): v for k, v in floor.items()
+                                    if k in ("control/r_mean", "control/ed_es_accuracy") or k.endswith("/r")})
                 if cfg.bootstrap:
                     on_rows = lambda i: control_scores({k: v[i] for k, v in requested.items()},  # noqa: E731
                                                        {k: np.asarray(measured[k])[i] for k in requested})
