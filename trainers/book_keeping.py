@@ -65,8 +65,7 @@ class BookKeepingGradSampleModule(GradSampleModule):
         # the graph (so Opacus's backward hook fires) at the cost of a weight gradient, which
         # is cheaper there than the input gradient the alternative would compute.
         has_bias = module.bias is not None and module.bias.requires_grad
-        keep_bias = has_bias and not args[0].requires_grad
-        skipped = [module.weight] + ([module.bias] if has_bias and not keep_bias else [])
+        skipped = [module.weight] + ([module.bias] if has_bias and args[0].requires_grad else [])
         for p in skipped:
             p.requires_grad_(False)
         module._bk_skipped = skipped

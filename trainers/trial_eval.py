@@ -40,6 +40,19 @@ def _test_batch(test_set, n: int):
     return stack("image"), stack("labels"), stack("label_mask")
 
 
+def _reconstruction_floor(model, real, device, chunk: int, extractor, bootstrap: int) -> tuple[torch.Tensor, dict]:
+    """(decode(encode(real)) in [0, 1], {"fidelity/recon_fd" (+ interval)}): the floor a
+    generator decoding through `model` (a compression adapter or a frozen copy) can reach,
+    the FD of the test volumes against their own reconstructions at the same sample count."""
+    recon = torch.cat([model.decode_latent(model.encode_latent(real[i:i + chunk].to(device))).cpu()
+                       for i in range(0, len(real), chunk)]).clamp(0, 1)
+    f_real, f_recon = extractor(real), extractor(recon)
+    out = {"fidelity/recon_fd": frechet_distance(f_real, f_recon)}
+    if bootstrap:
+        out.update(fd_interval(f_real, f_recon, n_resamples=bootstrap, name="fidelity/recon_fd"))
+    return recon, out
+
+
 @torch.no_grad()
 def evaluate_trial(adapter, stage: StageConfig, data: DataConfig, test_set, device, chunk: int,
                    train_set=None) -> dict:
@@ -62,12 +75,8 @@ def evaluate_trial(adapter, stage: StageConfig, data: DataConfig, test_set, devi
             if compression is not None:
                 # The floors on THESE test volumes: what decoding through the frozen compression
                 # model allows (FD against their own reconstructions, controllability of them).
-                recon = torch.cat([compression.decode_latent(compression.encode_latent(real[i:i + chunk].to(device))).cpu()
-                                   for i in range(0, len(real), chunk)]).clamp(0, 1)
-                f_real, f_recon = extractor(real), extractor(recon)
-                metrics["fidelity/recon_fd"] = frechet_distance(f_real, f_recon)
-                if cfg.bootstrap:
-                    metrics.update(fd_interval(f_real, f_recon, n_resamples=cfg.bootstrap, name="fidelity/recon_fd"))
+                recon, floor = _reconstruction_floor(compression, real, device, chunk, extractor, cfg.bootstrap)
+                metrics.update(floor)
             measurer = load_label_measurer(cfg.label_network, list(data.labels), cfg.label_network_outputs)
             if measurer is not None:
                 measured = measurer(fake)
@@ -96,16 +105,10 @@ def evaluate_trial(adapter, stage: StageConfig, data: DataConfig, test_set, devi
                                                real_train_labels=ref_lab, steps=cfg.utility_steps,
                                                bootstrap=cfg.bootstrap))
         else:
-            recon = torch.cat([adapter.decode_latent(adapter.encode_latent(real[i:i + chunk].to(device))).cpu()
-                               for i in range(0, len(real), chunk)])
-            metrics.update(reconstruction_metrics(real, recon.clamp(0, 1)))
-            # The floor a generator decoding through this model can reach: FD of the real test
-            # volumes against their own reconstructions, at the same sample count.
             extractor = load_feature_extractor(cfg.feature_network, cfg.feature_mode, cfg.slices, device="cpu")
-            f_real, f_recon = extractor(real), extractor(recon.clamp(0, 1))
-            metrics["fidelity/recon_fd"] = frechet_distance(f_real, f_recon)
-            if cfg.bootstrap:
-                metrics.update(fd_interval(f_real, f_recon, n_resamples=cfg.bootstrap, name="fidelity/recon_fd"))
+            recon, floor = _reconstruction_floor(adapter, real, device, chunk, extractor, cfg.bootstrap)
+            metrics.update(reconstruction_metrics(real, recon))
+            metrics.update(floor)
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["time/eval_s"] = time.perf_counter() - t0
     metrics["eval/n_samples"] = float(len(real))
