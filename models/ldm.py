@@ -3,7 +3,9 @@
 Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
 Models"): a DDPM (Ho et al. 2020) learns to denoise the latents of a FROZEN compression model
 (or the image itself when there is none). Labels reach the UNet by cross-attention over one
-token per label. Label dropout during training gives classifier-free guidance at sampling
+token per label (`label_conditioning: cross_attention`, the reference LDM's way), through the
+timestep embedding that every residual block receives (`embedding`: the tokens, concatenated,
+through one Linear added to it, as class-conditional DDPMs do), or both. Label dropout during training gives classifier-free guidance at sampling
 (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"); sampling uses deterministic DDIM
 (Song et al. 2021, "Denoising Diffusion Implicit Models").
 
@@ -79,14 +81,25 @@ class LabelEmbedder(nn.Module):
 
 
 class ConditionalUNet(nn.Module):
-    """Label embedder + DiffusionModelUNet: forward(x_noisy, t, labels, mask, drop) -> noise."""
+    """Label embedder + DiffusionModelUNet: forward(x_noisy, t, labels, mask, drop) -> noise.
 
-    def __init__(self, embedder: LabelEmbedder, unet: DiffusionModelUNet):
+    `cross_attention`: the label tokens are the UNet's cross-attention context (attention
+    levels only). `embedding`: `label_time` (one Linear of the concatenated tokens) is added
+    to the timestep embedding, which every residual block of every level receives; MONAI's
+    class-embedding slot carries it (an Identity there, so the Linear, named for the label
+    path, stays ours). Both can be on."""
+
+    def __init__(self, embedder: LabelEmbedder, unet: DiffusionModelUNet, cross_attention: bool = True,
+                 label_time: Optional[nn.Linear] = None):
         super().__init__()
         self.embedder, self.unet = embedder, unet
+        self.cross_attention = cross_attention
+        self.label_time = label_time
 
     def forward(self, x, t, labels, mask, drop):
-        return self.unet(x, timesteps=t, context=self.embedder(labels, mask, drop))
+        tokens = self.embedder(labels, mask, drop)
+        extra = {"class_labels": self.label_time(tokens.flatten(1))} if self.label_time is not None else {}
+        return self.unet(x, timesteps=t, context=tokens if self.cross_attention else None, **extra)
 
 
 class FrozenCompression:
@@ -155,23 +168,33 @@ class LDM(Adapter):
         self.latent_shape = (tuple(self.compression.latent_shape) if self.compression is not None
                              else (1, *self.shape))
         attention = c.attention_levels or [False] + [True] * (len(c.channels) - 1)
+        cross = c.label_conditioning in ("cross_attention", "both")
+        embed = c.label_conditioning in ("embedding", "both")
         unet = DiffusionModelUNet(
             spatial_dims=3, in_channels=self.latent_shape[0], out_channels=self.latent_shape[0],
             channels=tuple(c.channels), attention_levels=tuple(attention),
             num_res_blocks=c.num_res_blocks, num_head_channels=c.num_head_channels,
-            norm_num_groups=c.norm_num_groups, with_conditioning=True,
-            cross_attention_dim=c.label_embedding_dim,
+            norm_num_groups=c.norm_num_groups, with_conditioning=cross,
+            cross_attention_dim=c.label_embedding_dim if cross else None,
+            num_class_embeds=1 if embed else None,
             # torch's fused scaled_dot_product_attention: parameter-free, so per-sample
             # gradients (hooks on the Linear projections around it) are unchanged by it.
             use_flash_attention=True,
         )
+        label_time = None
+        if embed:
+            # MONAI adds class_embedding(class_labels) to the timestep embedding; the labels'
+            # Linear is computed in ConditionalUNet and passed through an Identity there.
+            unet.class_embedding = nn.Identity()
+            n_tokens = max(self.n_labels, 1)
+            label_time = nn.Linear(n_tokens * c.label_embedding_dim, unet.block_out_channels[0] * 4)
         if c.downsample == "in_plane":  # strided layers that never mix slices, as in the reference LDM
             make_in_plane(unet)
         schedule = dict(schedule=c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end)
         # Schedulers hold no trainable state: kept outside the network Opacus wraps.
         self.train_scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, **schedule)
         self._schedule = schedule
-        return ConditionalUNet(LabelEmbedder(self.n_labels, c.label_embedding_dim), unet)
+        return ConditionalUNet(LabelEmbedder(self.n_labels, c.label_embedding_dim), unet, cross, label_time)
 
     # -- data <-> diffusion space -------------------------------------------------------
     def to_diffusion(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -176,7 +176,11 @@ class LDMConfig(_Strict):
     num_res_blocks: int = Field(1, ge=1, description="residual blocks per level")
     num_head_channels: int = Field(8, ge=1, description="channels per attention head")
     norm_num_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every entry of `channels`")
-    label_embedding_dim: int = Field(32, ge=1, description="size of each label's embedding (cross-attention context)")
+    label_embedding_dim: int = Field(32, ge=1, description="size of each label's embedding (one token per label)")
+    label_conditioning: Literal["cross_attention", "embedding", "both"] = Field(
+        "cross_attention", description="how labels reach the UNet: `cross_attention` (the label tokens as context of "
+                                       "the attention levels, as in the reference LDM), `embedding` (the tokens, through "
+                                       "one Linear, added to the timestep embedding of every residual block), or `both`")
     label_dropout: float = Field(0.1, ge=0, le=1, description="probability of dropping all labels of a sample (classifier-free guidance)")
     num_train_timesteps: int = Field(1000, ge=2, description="DDPM steps")
     beta_schedule: Literal["linear_beta", "scaled_linear_beta"] = Field("scaled_linear_beta", description="DDPM noise schedule")

@@ -19,6 +19,9 @@ FAMILIES = {
     "vq_vae": VQVAEConfig(channels=[4, 8], num_embeddings=16, embedding_dim=2),
     "ldm": LDMConfig(channels=[8, 16], norm_num_groups=4, num_head_channels=4, label_embedding_dim=8,
                      num_train_timesteps=50, num_inference_steps=2, label_dropout=0.0),
+    # labels through the timestep embedding too: the label_time Linear needs per-sample gradients
+    "ldm-both": LDMConfig(channels=[8, 16], norm_num_groups=4, num_head_channels=4, label_embedding_dim=8,
+                          num_train_timesteps=50, num_inference_steps=2, label_dropout=0.0, label_conditioning="both"),
 }
 # (mode, extra stepper kwargs): bk with ghost forced on every Linear/Conv3d exercises the
 # Gram-matrix norms and the weighted re-use, which the cost rule rarely picks at test sizes.
@@ -64,7 +67,7 @@ def direct_per_sample(family, k):
 def dp_clipped_sum(family, mode, k, C):
     adapter, data = setup(family, k)
     kw = MODES[mode]
-    stepper = make_dp_stepper(mode.split("-")[0], family, adapter.network,
+    stepper = make_dp_stepper(mode.split("-")[0], FAMILIES[family].kind, adapter.network,
                               torch.optim.SGD(adapter.network.parameters(), lr=0.0), 1, noise_multiplier=1.0,
                               max_grad_norm=C, sample_rate=0.5, n_train=6, accountant="rdp", **kw)
     for j, s in enumerate(MICRO):

@@ -115,10 +115,14 @@ def test_dp_step(mode):
     assert all(torch.equal(p0, p) for p0, p in zip(frozen, comp.parameters()))
 
 
-def test_conditioning_is_used():
+@pytest.mark.parametrize("how", ["cross_attention", "embedding", "both"])
+def test_conditioning_is_used(how):
     shape = (5, 16, 16)
     torch.manual_seed(0)
-    a = LDM(cfg(), shape, 3)
+    a = LDM(cfg(label_conditioning=how), shape, 3)
+    # the UNet has cross-attention exactly when asked; the embedding path is the label_time Linear
+    assert a.network.unet.with_conditioning == (how != "embedding")
+    assert (a.network.label_time is not None) == (how != "cross_attention")
     warm_up(a, shape)
 
     def draw(labels, mask=None, **kw):
@@ -180,3 +184,24 @@ def test_scale_factor_origin():
     torch.testing.assert_close(a.to_diffusion(x)[0], (2 * x - 1) * 0.25)
     a = LDM(cfg(scale_factor=0.25), shape, 3, scale_factor=2.0)  # e.g. computed on public data
     assert (a.scale_factor, a.scale_factor_source) == (2.0, "given")
+
+
+def test_label_embedding_path_reaches_every_level_and_is_fine_tuned():
+    """`embedding`: the labels move the output through the timestep embedding alone (no
+    cross-attention anywhere), and `train.finetune: attention` keeps that path trainable."""
+    from trainers.generators import freeze_all_but_attention
+    shape = (5, 16, 16)
+    torch.manual_seed(0)
+    a = LDM(cfg(label_conditioning="embedding"), shape, 3)
+    warm_up(a, shape)
+    assert not any("attn2" in n for n, _ in a.network.named_parameters())  # no cross-attention layers
+    x, _ = a.to_diffusion(torch.rand(2, 1, *shape))  # padded to the UNet's stride
+    t = torch.tensor([10, 10])
+    mask, keep = torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+    with torch.no_grad():
+        e1 = a.network(x, t, torch.tensor([[1.0, 2.0, 0.0], [1.0, 2.0, 0.0]]), mask, keep)
+        e2 = a.network(x, t, torch.tensor([[1.0, 2.0, 0.0], [9.0, 0.0, 1.0]]), mask, keep)
+    assert torch.equal(e1[0], e2[0]) and (e1[1] - e2[1]).abs().max() > 0
+    freeze_all_but_attention(a.network)
+    assert all(p.requires_grad for p in a.network.label_time.parameters())
+    assert all(p.requires_grad for p in a.network.embedder.parameters())

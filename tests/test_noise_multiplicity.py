@@ -102,7 +102,23 @@ def test_weight_ema_tracks_and_round_trips():
     with torch.no_grad():
         net.weight.add_(2.0)
     ema.update(net)
-    torch.testing.assert_close(ema.state_dict()["weight"], start + 1.0)
+    # the first update runs at the warm-up decay min(0.5, 1/10) = 0.1
+    torch.testing.assert_close(ema.state_dict()["weight"], start + 1.8)
     other = WeightEMA(torch.nn.Linear(2, 2), 0.5)
     other.load_state_dict(ema.state_dict())
-    torch.testing.assert_close(other.state_dict()["weight"], start + 1.0)
+    torch.testing.assert_close(other.state_dict()["weight"], start + 1.8)
+
+
+def test_weight_ema_warm_up_forgets_the_initial_weights():
+    """decay 0.999 over 100 steps without a warm-up keeps 0.999^100 = 90% of the initial
+    (random) weights; with it, the average is the trained weights."""
+    net = torch.nn.Linear(2, 2)
+    ema = WeightEMA(net, 0.999)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    for _ in range(100):
+        ema.update(net)
+    left = (net.weight - ema.state_dict()["weight"]).abs().max().item()  # 1.0 x the initial weights' share
+    assert left < 1e-3, left
+    assert ema.current_decay() == pytest.approx(101 / 110)

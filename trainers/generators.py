@@ -44,7 +44,8 @@ def resolve_latent_scale(stage: StageConfig, compression, meta: dict, device,
     return 1.0, "default 1.0 (DP stage and no public data: never computed from private data)"
 
 
-ATTENTION_KEYS = ("attn", "attention", "transformer", "label")
+# "embedder" and "label_time": the label embedder and its path into the timestep embedding
+ATTENTION_KEYS = ("attn", "attention", "transformer", "label", "embedder")
 
 
 def freeze_all_but_attention(model: torch.nn.Module) -> int:

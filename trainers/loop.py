@@ -210,6 +210,8 @@ def restore(trial: Trial) -> None:
         trial.adapter.load_aux_state(state.get("aux", {}))
     if trial.ema is not None and state.get("ema_model"):
         trial.ema.load_state_dict(state["ema_model"])
+        # checkpoints from before the warm-up was counted: past it
+        trial.ema.updates = int(state.get("ema_updates", 10 ** 9))
     trial.start_epoch = int(state["epoch"])
     trial.history = list(state.get("history") or [])
     if trial.canaries is not None and state.get("audit"):
@@ -321,6 +323,7 @@ def report(trial: Trial, epoch: int, metrics: dict) -> None:
              "metrics": trial.history[-1], "history": trial.history,
              "aux": trial.adapter.aux_state() if hasattr(trial.adapter, "aux_state") else {},
              "ema_model": trial.ema.state_dict() if trial.ema is not None else None,
+             "ema_updates": trial.ema.updates if trial.ema is not None else 0,
              # the canaries' secret seed: for resuming the audit; the custodian keeps it as the model
              "audit": trial.canaries.state_dict() if trial.canaries is not None else None, **trial.extra_state}
     with tempfile.TemporaryDirectory() as tmp:
