@@ -132,3 +132,24 @@ def test_dp_generator_latent_scale_never_comes_from_private_data(monkeypatch, tm
     assert encoded_from == [public["root"]]
     assert m["param.latent.scale_source"].startswith("public data")
     assert m["param.latent.scale_factor"] != 1.0
+
+
+def test_channels_last_trains_the_same_weights(monkeypatch, tmp_path, private_data):
+    """train.memory_format: channels_last_3d is a layout, not a different computation: the
+    same reproducible DP run (labels through the timestep embedding too) ends at the same
+    weights in either layout, and its checkpoint loads for sampling."""
+    finals = {}
+    for layout in ("default", "channels_last_3d"):
+        stage = ldm_stage(grad_sample_mode="bk", reproducible=True)
+        stage["model"]["label_conditioning"] = "both"
+        stage["train"].update(memory_format=layout, seed=3)
+        reports = run_loop(monkeypatch, tmp_path / layout, stage, private_data)
+        state = load_state(reports[-1][1])
+        finals[layout] = state["model"]
+        assert reports[-1][0]["privacy/steps"] == 2
+    assert any(not v.is_contiguous() for v in finals["channels_last_3d"].values() if v.dim() == 5)
+    for k, v in finals["default"].items():
+        torch.testing.assert_close(finals["channels_last_3d"][k].contiguous(), v, rtol=1e-4, atol=1e-5, msg=k)
+    adapter, _ = load_generator(reports[-1][1])
+    x = adapter.sample(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (1, 1, *SHAPE) and torch.isfinite(x).all()

@@ -30,9 +30,13 @@ MODES = {"functorch": {}, "hooks": {}, "ghost": {}, "auto": {}, "bk": {}, "bk-gh
 MICRO = [slice(0, 2), slice(2, 3)]  # two micro-batches of one logical batch
 
 
+LAYOUT = {"layout": torch.contiguous_format}
+
+
 def setup(family, k):
     torch.manual_seed(0)
     adapter = build_adapter(FAMILIES[family], SHAPE, 2)
+    adapter.network.to(memory_format=LAYOUT["layout"])  # train.memory_format
     with torch.no_grad():  # MONAI zero-initialises the UNet's output layers: no gradient would reach the rest
         for p in adapter.network.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -101,6 +105,16 @@ def check_all_modes(family, k, modes):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_mode_matches_direct_per_sample_clipping(family):
+    check_all_modes(family, 1, list(MODES))
+
+
+@pytest.mark.parametrize("family", ["beta_vae", "ldm-both"])
+def test_every_mode_matches_direct_per_sample_clipping_in_channels_last(family, monkeypatch):
+    """train.memory_format: channels_last_3d changes the weights' strides, not the numbers."""
+    monkeypatch.setitem(LAYOUT, "layout", torch.channels_last_3d)
+    adapter, _ = setup(family, 1)
+    assert any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+               for p in adapter.network.parameters())
     check_all_modes(family, 1, list(MODES))
 
 

@@ -135,6 +135,8 @@ def setup(config: dict) -> Trial:
     adapter = build_adapter(stage.model, tuple(data.shape), len(data.labels), compression=compression,
                             scale_factor=scale)
     model = adapter.network.to(device)
+    if stage.train.memory_format == "channels_last_3d":
+        model.to(memory_format=torch.channels_last_3d)   # 5-D weights only; conv outputs follow
     if init_state is not None and not resuming:
         model.load_state_dict(init_state["model"])
         params["upstream.init_from_checkpoint"] = meta["init_from"]
