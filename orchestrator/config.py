@@ -209,7 +209,10 @@ FAMILY_CONFIGS: dict[str, type[BaseModel]] = {"beta_vae": BetaVAEConfig, "vq_vae
 class TrainConfig(_Strict):
     """The optimisation of one trial."""
     epochs: int = Field(2, ge=1, description="passes over the training split")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (the peak, with a schedule)")
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        "constant", description="per optimizer step: `constant`; `cosine` (from `lr` down to 0 over the run); `onecycle` "
+                                "(torch's OneCycleLR: up to `lr` over the first 30% of the steps, then cosine down)")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
     batch_size: int = Field(32, ge=1, description="logical batch (the expected Poisson batch in DP mode)")
     physical_batch_size: int = Field(8, ge=1, description="micro-batch actually run; memory depends on this only")

@@ -153,3 +153,19 @@ def test_channels_last_trains_the_same_weights(monkeypatch, tmp_path, private_da
     adapter, _ = load_generator(reports[-1][1])
     x = adapter.sample(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), generator=torch.Generator().manual_seed(0))
     assert x.shape == (1, 1, *SHAPE) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["non-dp", "dp"])
+def test_lr_schedule_runs_over_the_optimizer_steps(monkeypatch, tmp_path, private_data, dp):
+    """cosine over 2 epochs x 2 steps: lr/2 after the first epoch, 0 at the end; the
+    schedule's state is in the checkpoint, for a resume to continue it."""
+    stage = ldm_stage()
+    stage["dp"]["enabled"] = dp
+    stage["train"].update(epochs=2, lr=1e-2, lr_schedule="cosine")
+    reports = run_loop(monkeypatch, tmp_path, stage, private_data)
+    assert [r[0]["train/lr"] for r in reports] == pytest.approx([5e-3, 0.0], abs=1e-9)
+    state = load_state(reports[-1][1])
+    assert state["lr_schedule"]["last_epoch"] == 4
+    # resumed after the first epoch: the schedule continues (a fresh one would restart at lr)
+    resumed = run_loop(monkeypatch, tmp_path / "resumed", stage, private_data, checkpoint=reports[0][1])
+    assert resumed[-1][0]["train/lr"] == pytest.approx(0.0, abs=1e-9)

@@ -64,6 +64,7 @@ class Trial:
     sampler: object
     facts: Optional[PrivacyFacts]         # sigma, q, planned steps (DP only)
     ema: Optional[WeightEMA]
+    schedule: Optional[torch.optim.lr_scheduler.LRScheduler] = None   # train.lr_schedule
     canaries: Optional[object] = None     # trainers/audit.py, with `audit` on the stage
     extra_state: dict = field(default_factory=dict)   # what the released model depends on
     params: dict = field(default_factory=dict)        # facts known only here, logged as params
@@ -174,6 +175,7 @@ def setup(config: dict) -> Trial:
     return Trial(meta=meta, stage=stage, data=data, rank=rank, world=world, device=device, train_set=train_set,
                  val_set=val_set, test_set=test_set, adapter=adapter, optimizer=optimizer, stepper=stepper,
                  sampler=sampler, facts=facts, ema=ema, extra_state=extra_state, params=params,
+                 schedule=lr_schedule(stage, optimizer, sampler.steps),
                  canaries=add_canaries(stage, stepper, optimizer, facts, n_units, rank, world,
                                        adapter=adapter, data=data, device=device))
 
@@ -214,6 +216,8 @@ def restore(trial: Trial) -> None:
         trial.ema.load_state_dict(state["ema_model"])
         # checkpoints from before the warm-up was counted: past it
         trial.ema.updates = int(state.get("ema_updates", 10 ** 9))
+    if trial.schedule is not None and state.get("lr_schedule"):
+        trial.schedule.load_state_dict(state["lr_schedule"])
     trial.start_epoch = int(state["epoch"])
     trial.history = list(state.get("history") or [])
     if trial.canaries is not None and state.get("audit"):
@@ -239,6 +243,18 @@ def keep_noise_ledger(trial: Trial) -> None:
                   "they stay in the privacy account")
     if trial.rank == 0:
         trial.stepper.attach_ledger(ledger)
+
+
+def lr_schedule(stage: StageConfig, optimizer, steps_per_epoch: int):
+    """train.lr_schedule over the run's optimizer steps (None: constant). Post-processing of
+    the noisy gradients, so free in privacy terms."""
+    t = stage.train
+    total = t.epochs * min(steps_per_epoch, t.max_steps_per_epoch or steps_per_epoch)
+    if t.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+    if t.lr_schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=max(total, 2))
+    return None
 
 
 def train_epoch(trial: Trial, epoch: int) -> dict:
@@ -269,10 +285,12 @@ def train_epoch(trial: Trial, epoch: int) -> dict:
             adapter.after_step(trial.world)
         if trial.ema is not None:
             trial.ema.update(stepper.network)
+        if trial.schedule is not None:
+            trial.schedule.step()
     keys = ["loss", *adapter.components]
     totals = all_sum([sums.get(k, 0.0) for k in keys] + [seen], trial.world)
     return {"epoch": epoch + 1, **{f"train/{k}": v / max(totals[-1], 1.0) for k, v in zip(keys, totals[:-1])},
-            "seen": totals[-1]}
+            "train/lr": trial.optimizer.param_groups[0]["lr"], "seen": totals[-1]}
 
 
 def validate(trial: Trial, epoch: int) -> dict:
@@ -326,6 +344,7 @@ def report(trial: Trial, epoch: int, metrics: dict) -> None:
              "aux": trial.adapter.aux_state() if hasattr(trial.adapter, "aux_state") else {},
              "ema_model": trial.ema.state_dict() if trial.ema is not None else None,
              "ema_updates": trial.ema.updates if trial.ema is not None else 0,
+             "lr_schedule": trial.schedule.state_dict() if trial.schedule is not None else None,
              # the canaries' secret seed: for resuming the audit; the custodian keeps it as the model
              "audit": trial.canaries.state_dict() if trial.canaries is not None else None, **trial.extra_state}
     with tempfile.TemporaryDirectory() as tmp:
