@@ -205,3 +205,24 @@ def test_label_embedding_path_reaches_every_level_and_is_fine_tuned():
     freeze_all_but_attention(a.network)
     assert all(p.requires_grad for p in a.network.label_time.parameters())
     assert all(p.requires_grad for p in a.network.embedder.parameters())
+
+
+@pytest.mark.parametrize("schedule", ["scaled_linear_beta", "linear_beta"])
+def test_preflight_warns_when_the_schedule_ends_far_from_noise(schedule, capsys):
+    """200 steps at the 1000-step betas keep 41% of the signal at t = T (MONAI's own
+    alphas_cumprod says the same); the launch says so in one line, and not at 5x the betas."""
+    import math
+
+    from monai.networks.schedulers import DDPMScheduler
+    from orchestrator.config import StageConfig
+    from orchestrator.preflight import terminal_signal, warn_on_noise_schedule
+
+    for betas, warned in (({}, True), ({"beta_start": 0.0075, "beta_end": 0.0975}, False)):
+        stage = StageConfig.model_validate({"name": "g", "model": {"kind": "ldm", "num_train_timesteps": 200,
+                                                                   "beta_schedule": schedule, **betas}})
+        m = stage.model
+        monai = DDPMScheduler(num_train_timesteps=200, schedule=schedule, beta_start=m.beta_start, beta_end=m.beta_end)
+        assert terminal_signal(m) == pytest.approx(math.sqrt(float(monai.alphas_cumprod[-1])), rel=1e-4)
+        warn_on_noise_schedule(stage)
+        out = capsys.readouterr().out
+        assert ("warning: stages[g].model: the last of 200 DDPM steps" in out) == warned, out
