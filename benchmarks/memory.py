@@ -122,7 +122,8 @@ def main(argv=None) -> list[dict]:
               flush=True)
     for row in rows:
         row["peak_vs_smallest"] = round(row["peak_mb"] / rows[0]["peak_mb"], 3)
-        row["increment_vs_smallest"] = round(row["increment_mb"] / rows[0]["increment_mb"], 3)
+        row["increment_vs_smallest"] = (round(row["increment_mb"] / rows[0]["increment_mb"], 3)
+                                         if rows[0]["increment_mb"] > 0 else None)   # 0 MB: nothing to divide by
         if "cuda_peak_mb" in row:
             row["cuda_peak_vs_smallest"] = round(row["cuda_peak_mb"] / rows[0]["cuda_peak_mb"], 3)
 
@@ -131,7 +132,7 @@ def main(argv=None) -> list[dict]:
           + (f"{'CUDA MB':>10}" if cuda else ""))
     for r in rows:
         print(f"{r['logical_batch']:>8}{r['physical_batch']:>10}{r['peak_mb']:>13.1f}{r['increment_mb']:>14.1f}"
-              f"{r['increment_vs_smallest']:>12.3f}x"
+              + (f"{r['increment_vs_smallest']:>12.3f}x" if r["increment_vs_smallest"] is not None else f"{'-':>13}")
               + (f"{r['cuda_peak_mb']:>10.1f}" if cuda else ""))
     if args.json:
         with open(args.json, "w") as f:

@@ -20,7 +20,9 @@ def test_memory_is_flat_in_logical_batch_and_the_check_can_fail(tmp_path):
         assert [r["logical_batch"] for r in rows] == [16, 64]
         for r in rows:
             assert {"logical_batch", "physical_batch", "peak_mb", "increment_mb", "increment_vs_smallest"} <= set(r)
-            assert r["increment_mb"] > 0
+            # >= 0, not > 0: with micro-batching the warm-up step may already hold every buffer
+            # the measured steps need (a fresh-clone CI run measured +0.0 MB at logical 16)
+            assert r["increment_mb"] >= 0
         return rows
 
     flat = increments(8)
