@@ -5,8 +5,8 @@ Models"): a DDPM (Ho et al. 2020) learns to denoise the latents of a FROZEN comp
 (or the image itself when there is none). Labels reach the UNet by cross-attention over one
 token per label (`label_conditioning: cross_attention`, the reference LDM's way), through the
 timestep embedding that every residual block receives (`embedding`: the tokens, concatenated,
-through one Linear added to it, as class-conditional DDPMs do), or both. Label dropout during training gives classifier-free guidance at sampling
-(Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"); sampling uses deterministic DDIM
+through one Linear added to it, as class-conditional DDPMs do), or both. Label dropout during
+training gives classifier-free guidance at sampling (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"); sampling uses deterministic DDIM
 (Song et al. 2021, "Denoising Diffusion Implicit Models").
 
 Privacy notes (this model is trained with DP-SGD through Opacus):
@@ -87,19 +87,18 @@ class ConditionalUNet(nn.Module):
     levels only). `embedding`: `label_time` (one Linear of the concatenated tokens) is added
     to the timestep embedding, which every residual block of every level receives; MONAI's
     class-embedding slot carries it (an Identity there, so the Linear, named for the label
-    path, stays ours). Both can be on."""
+    path, stays ours). Both can be on; the UNet's `with_conditioning` says whether
+    cross-attention is."""
 
-    def __init__(self, embedder: LabelEmbedder, unet: DiffusionModelUNet, cross_attention: bool = True,
-                 label_time: Optional[nn.Linear] = None):
+    def __init__(self, embedder: LabelEmbedder, unet: DiffusionModelUNet, label_time: Optional[nn.Linear] = None):
         super().__init__()
         self.embedder, self.unet = embedder, unet
-        self.cross_attention = cross_attention
         self.label_time = label_time
 
     def forward(self, x, t, labels, mask, drop):
         tokens = self.embedder(labels, mask, drop)
         extra = {"class_labels": self.label_time(tokens.flatten(1))} if self.label_time is not None else {}
-        return self.unet(x, timesteps=t, context=tokens if self.cross_attention else None, **extra)
+        return self.unet(x, timesteps=t, context=tokens if self.unet.with_conditioning else None, **extra)
 
 
 class FrozenCompression:
@@ -194,7 +193,7 @@ class LDM(Adapter):
         # Schedulers hold no trainable state: kept outside the network Opacus wraps.
         self.train_scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, **schedule)
         self._schedule = schedule
-        return ConditionalUNet(LabelEmbedder(self.n_labels, c.label_embedding_dim), unet, cross, label_time)
+        return ConditionalUNet(LabelEmbedder(self.n_labels, c.label_embedding_dim), unet, label_time)
 
     # -- data <-> diffusion space -------------------------------------------------------
     def to_diffusion(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:

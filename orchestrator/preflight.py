@@ -155,7 +155,10 @@ def preflight(cfg: SweepConfig) -> dict[str, StagePlan]:
     return plans
 
 def terminal_signal(model) -> float:
-    """sqrt(alpha_bar_T): the share of the data left at the last DDPM step of an ldm config."""
+    """sqrt(alpha_bar_T): the share of the data left at the last DDPM step of an ldm config.
+
+    MONAI's DDPMScheduler's two beta schedules, written out in numpy: the launch process never
+    imports MONAI (seconds of start-up); tests/test_ldm.py checks it against MONAI's own."""
     import math
 
     import numpy as np

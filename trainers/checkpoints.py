@@ -74,9 +74,9 @@ class WeightEMA:
     TensorFlow's ExponentialMovingAverage does with `num_updates`. Without it, decay 0.999
     over 780 steps leaves 0.999^780 = 46% of the initial (random) weights in the average."""
 
-    def __init__(self, net: torch.nn.Module, decay: float, updates: int = 0):
+    def __init__(self, net: torch.nn.Module, decay: float):
         self.decay = decay
-        self.updates = updates
+        self.updates = 0   # restored from the checkpoint's `ema_updates` on a resume
         self.shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     def current_decay(self) -> float:
