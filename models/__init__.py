@@ -23,8 +23,11 @@ def adapter_class(kind: str) -> type[Adapter]:
     return getattr(importlib.import_module(module), name)
 
 
-def build_adapter(model_cfg, shape, n_labels: int, *, compression=None, scale_factor=None) -> Adapter:
+def build_adapter(model_cfg, shape, n_labels: int, *, compression=None, scale_factor=None,
+                  label_names=None) -> Adapter:
+    """`label_names` (the data's labels, in order): needed by a generator with `label_ranges`."""
     cls = adapter_class(model_cfg.kind)
     if model_cfg.kind in GENERATOR_FAMILIES:
-        return cls(model_cfg, shape, n_labels, compression=compression, scale_factor=scale_factor)
+        return cls(model_cfg, shape, n_labels, compression=compression, scale_factor=scale_factor,
+                   label_names=label_names)
     return cls(model_cfg, shape, n_labels)

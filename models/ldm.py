@@ -13,8 +13,9 @@ Privacy notes (this model is trained with DP-SGD through Opacus):
 * The latent scale factor is never computed here: the reference code computed it from the
   first private batch, which releases a statistic of private data outside DP. It comes from
   the config, from the caller (computed on public data), or defaults to 1.0.
-* Label values are squashed by a fixed function (sign(x) * log1p(|x|)) instead of being
-  normalised with a mean/std, for the same reason: dataset statistics would be a release.
+* Label values are never normalised with a mean/std of the data, for the same reason: dataset
+  statistics would be a release. A label with a declared range (`label_ranges`, from the
+  config) is mapped affinely to [-1, 1]; any other goes through the fixed sign(x) * log1p(|x|).
 * The trainable module (`self.network`) holds only Linear/Embedding/Conv3d/GroupNorm/LayerNorm
   layers, for which Opacus computes per-sample gradients in hooks and functorch mode; the
   compression model is kept outside it, frozen, so Opacus never sees it.
@@ -43,7 +44,8 @@ def squash(x: torch.Tensor) -> torch.Tensor:
 class LabelEmbedder(nn.Module):
     """One context token per label: [B, L] values + mask -> [B, L, E].
 
-    Known label i: a small per-label MLP of squash(x_i). It is written with standard layers
+    Known label i: a small per-label MLP of m_i(x_i), where m_i is the affine map of the
+    declared range [lo_i, hi_i] to [-1, 1] (`ranges[i]`), or squash where none is declared. It is written with standard layers
     only, so that Opacus has a per-sample gradient rule for every parameter: the input row of
     label i is [squash(x_i) * onehot(i), onehot(i)], so the first Linear acts as a per-label
     slope and per-label bias (the label's identity), then SiLU and a shared output Linear.
@@ -51,12 +53,20 @@ class LabelEmbedder(nn.Module):
     Embedding; the value is never fed as a number. With no labels, one learned null token.
     """
 
-    def __init__(self, n_labels: int, dim: int):
+    def __init__(self, n_labels: int, dim: int, ranges: Optional[list] = None):
         super().__init__()
         self.n_labels = n_labels
         if n_labels == 0:
             self.null = nn.Embedding(1, dim)
             return
+        ranges = list(ranges) if ranges is not None else [None] * n_labels
+        if len(ranges) != n_labels:
+            raise ValueError(f"ranges: expected one entry (or None) per label ({n_labels}), got {len(ranges)}")
+        # Not persistent: they come from the config (a checkpoint's model_config), not from training.
+        self.register_buffer("ranged", torch.tensor([r is not None for r in ranges]), persistent=False)
+        self.register_buffer("lo", torch.tensor([float(r[0]) if r else 0.0 for r in ranges]), persistent=False)
+        self.register_buffer("span", torch.tensor([float(r[1]) - float(r[0]) if r else 1.0 for r in ranges]),
+                             persistent=False)
         self.value_in = nn.Linear(2 * n_labels, 2 * dim)
         self.value_out = nn.Linear(2 * dim, dim)
         self.unknown = nn.Embedding(n_labels, dim)
@@ -69,7 +79,8 @@ class LabelEmbedder(nn.Module):
             return self.null(torch.zeros(b, 1, dtype=torch.long, device=labels.device))
         use = mask.bool() & ~drop.bool()[:, None] & ~torch.isnan(labels)  # [B, L]
         # where() before any arithmetic: unknown/dropped values never enter the network.
-        v = torch.where(use, squash(torch.nan_to_num(labels)), torch.zeros_like(labels))
+        v = self.value_map(torch.nan_to_num(labels))
+        v = torch.where(use, v, torch.zeros_like(v))
         eye = self.eye.to(v.dtype)
         rows = torch.cat([v[:, :, None] * eye, eye.expand(b, -1, -1)], dim=-1)  # [B, L, 2L]
         known = self.value_out(F.silu(self.value_in(rows)))
@@ -78,6 +89,11 @@ class LabelEmbedder(nn.Module):
         # Both branches stay in the graph, so every parameter gets a (possibly zero)
         # per-sample gradient in every batch; Opacus needs grad_sample on all of them.
         return torch.where(use[:, :, None], known, unknown)
+
+    def value_map(self, labels: torch.Tensor) -> torch.Tensor:
+        """[B, L] raw label values -> the numbers the embedder sees (fixed maps, no data statistic)."""
+        affine = 2 * (labels - self.lo.to(labels.dtype)) / self.span.to(labels.dtype) - 1
+        return torch.where(self.ranged, affine, squash(labels))
 
 
 class ConditionalUNet(nn.Module):
@@ -142,9 +158,11 @@ class LDM(Adapter):
     components = ()
 
     def __init__(self, cfg: Any, shape: tuple[int, int, int], n_labels: int,
-                 compression: Any = None, scale_factor: Optional[float] = None):
+                 compression: Any = None, scale_factor: Optional[float] = None,
+                 label_names: Optional[list[str]] = None):
         # Set before Adapter.__init__, which calls build().
         self.compression = compression
+        self.label_names = list(label_names) if label_names is not None else None
         if scale_factor is not None:
             self.scale_factor, self.scale_factor_source = float(scale_factor), "given"
         elif getattr(cfg, "scale_factor", None) is not None:
@@ -193,7 +211,20 @@ class LDM(Adapter):
         # Schedulers hold no trainable state: kept outside the network Opacus wraps.
         self.train_scheduler = DDPMScheduler(num_train_timesteps=c.num_train_timesteps, **schedule)
         self._schedule = schedule
-        return ConditionalUNet(LabelEmbedder(self.n_labels, c.label_embedding_dim), unet, label_time)
+        return ConditionalUNet(LabelEmbedder(self.n_labels, c.label_embedding_dim, self._label_ranges()),
+                               unet, label_time)
+
+    def _label_ranges(self) -> Optional[list]:
+        """cfg.label_ranges in the order of the labels (None where a label has none)."""
+        ranges = self.cfg.label_ranges or {}
+        if not ranges:
+            return None
+        if self.label_names is None or len(self.label_names) != self.n_labels:
+            raise ValueError("label_ranges: the model needs the label names (in data order) to place the ranges")
+        unknown = sorted(set(ranges) - set(self.label_names))
+        if unknown:
+            raise ValueError(f"label_ranges.{unknown[0]}: not a label of the data; expected one of {self.label_names}")
+        return [tuple(ranges[n]) if n in ranges else None for n in self.label_names]
 
     # -- data <-> diffusion space -------------------------------------------------------
     def to_diffusion(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:

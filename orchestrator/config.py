@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -189,9 +190,18 @@ class LDMConfig(_Strict):
     num_inference_steps: int = Field(50, ge=1, description="DDIM steps at sampling")
     guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance at sampling (1: none)")
     scale_factor: Optional[float] = Field(None, gt=0, description="latent scale; null: 1.0 in DP mode or from public data")
+    label_ranges: Optional[dict[str, tuple[float, float]]] = Field(
+        None, description="label -> [low, high]: the label embedder maps that label's values affinely to [-1, 1] "
+                          "(e.g. `{LVEDV: [50, 300], ESED: [0, 1]}`, values outside extend linearly). A declared "
+                          "range, never computed from data (a data statistic would be a release outside DP); "
+                          "labels not listed go through sign(x) * log1p(|x|), which flattens large values "
+                          "(100 and 200 mL become 4.6 and 5.3). Keys must be in `data.labels`")
 
     @model_validator(mode="after")
     def _check(self):
+        for name, (lo, hi) in (self.label_ranges or {}).items():
+            if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+                raise ValueError(f"label_ranges.{name}: expected [low, high] with finite low < high, not [{lo}, {hi}]")
         bad = [c for c in self.channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups: {self.norm_num_groups} must divide every channel count, not {bad}")
@@ -496,6 +506,17 @@ class SweepConfig(_Strict):
                 raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} has model.downsample "
                                  f"{by_name[s.init_from].model.downsample!r}, this stage {s.model.downsample!r}; "
                                  "the weights only fit the same downsampling")
+            if s.init_from is not None and getattr(by_name[s.init_from].model, "label_ranges", None) != \
+                    getattr(s.model, "label_ranges", None):
+                raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} has model.label_ranges "
+                                 f"{by_name[s.init_from].model.label_ranges}, this stage {s.model.label_ranges}; "
+                                 "the label embedder's weights only fit the label map they were trained with")
+            ranges = getattr(s.model, "label_ranges", None) or {}
+            labels = list(self.stage_data(s).labels)
+            for name in ranges:
+                if name not in labels:
+                    raise ValueError(f"stages[{s.name}].model.label_ranges.{name}: not a label of this stage's data; "
+                                     f"expected one of {labels}{_did_you_mean(name, labels)}")
         return self
 
     # --- resolved views -------------------------------------------------------------

@@ -128,3 +128,26 @@ def test_cli_bad_dataset_is_exit_2_before_ray(tmp_path):
 def test_readme_reference_matches_schema():
     readme = (ROOT / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate with: python -m orchestrator.config --reference"
+
+
+LDM_STAGES = [
+    {"name": "ae", "model": {"kind": "beta_vae", "channels": [4, 8], "norm_num_groups": 4}, "dp": {"enabled": False}},
+    {"name": "pre", "needs": "ae", "model": {"kind": "ldm", "label_ranges": {"A": [50, 300]}}, "dp": {"enabled": False}},
+    {"name": "fine", "needs": "ae", "init_from": "pre", "model": {"kind": "ldm", "label_ranges": {"A": [50, 300]}},
+     "dp": {"enabled": False}},
+]
+
+
+@pytest.mark.parametrize("path,value,expected", [
+    ("stages.1.model.label_ranges", {"LVEDV": [50, 300]}, "stages[pre].model.label_ranges.LVEDV: not a label"),
+    ("stages.1.model.label_ranges", {"A": [300, 50]}, "label_ranges.A: expected [low, high] with finite low < high"),
+    ("stages.2.model.label_ranges", {"A": [0, 1]}, "the label embedder's weights only fit the label map"),
+])
+def test_label_ranges_are_checked(path, value, expected):
+    raw = dict(yaml.safe_load(yaml.safe_dump(GOOD)), stages=yaml.safe_load(yaml.safe_dump(LDM_STAGES)))
+    assert parse_sweep(raw).stages[1].model.label_ranges == {"A": (50.0, 300.0)}
+    node = raw["stages"][int(path.split(".")[1])]["model"]
+    node["label_ranges"] = value
+    with pytest.raises(ConfigError) as err:
+        parse_sweep(raw, source="s.yaml")
+    assert "\n" not in str(err.value) and expected in str(err.value), str(err.value)

@@ -226,3 +226,37 @@ def test_preflight_warns_when_the_schedule_ends_far_from_noise(schedule, capsys)
         warn_on_noise_schedule(stage)
         out = capsys.readouterr().out
         assert ("warning: stages[g].model: the last of 200 DDPM steps" in out) == warned, out
+
+
+def test_label_ranges_map_declared_labels_affinely_and_others_by_squash():
+    """A declared range spreads a label over [-1, 1] (100 vs 200 mL: -0.6 vs 0.2, where the
+    squash gives 4.6 vs 5.3); undeclared labels keep the squash; the map is fixed by the
+    config, so a checkpoint rebuilt from its model_config embeds labels identically."""
+    from models.ldm import squash
+    a = LDM(cfg(label_ranges={"V": [50, 300], "E": [0, 1]}), (5, 16, 16), 3, label_names=["V", "T", "E"])
+    x = torch.tensor([[100.0, 7.0, 0.0], [200.0, 12.0, 1.0]])
+    v = a.network.embedder.value_map(x)
+    assert torch.allclose(v[:, 0], torch.tensor([-0.6, 0.2]))
+    assert torch.allclose(v[:, 1], squash(x[:, 1]))
+    assert torch.allclose(v[:, 2], torch.tensor([-1.0, 1.0]))
+    plain = LDM(cfg(), (5, 16, 16), 3)
+    assert torch.allclose(plain.network.embedder.value_map(x), squash(x))
+    # the ranges are no weights: a state_dict moves between the two unchanged
+    assert set(a.network.state_dict()) == set(plain.network.state_dict())
+    with pytest.raises(ValueError, match="needs the label names"):
+        LDM(cfg(label_ranges={"V": [50, 300]}), (5, 16, 16), 3)
+
+
+def test_label_ranges_reach_the_network_output():
+    torch.manual_seed(0)
+    shape = (4, 16, 16)  # a multiple of the UNet stride: the network is called unpadded below
+    a = LDM(cfg(label_ranges={"A": [0, 100]}), shape, 3, label_names=["A", "B", "C"])
+    warm_up(a, shape)
+    b = LDM(cfg(), shape, 3)
+    b.network.load_state_dict(a.network.state_dict())
+    z = torch.randn(2, 1, *shape)
+    t = torch.tensor([10, 10])
+    labels, mask, keep = torch.tensor([[50.0, 1, 1]] * 2), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+    with torch.no_grad():
+        out_a, out_b = a.network(z, t, labels, mask, keep), b.network(z, t, labels, mask, keep)
+    assert not torch.allclose(out_a, out_b)  # same weights, different label map -> different output

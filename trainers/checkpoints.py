@@ -60,7 +60,8 @@ def load_generator(path: str | Path, device: Any = "cpu"):
         raise ValueError(f"{state_path(path)} holds a {state.get('family')} model; expected an ldm (generator) checkpoint")
     compression = adapter_from_record(state["compression"], device) if state.get("compression") else None
     adapter = build_adapter(model_config_of(state), tuple(state["shape"]), len(state["labels"]),
-                            compression=compression, scale_factor=state.get("scale_factor"))
+                            compression=compression, scale_factor=state.get("scale_factor"),
+                            label_names=list(state["labels"]))
     weights = state.get("ema_model") or state["model"]
     adapter.network.load_state_dict(weights)
     adapter.network.to(device).eval()

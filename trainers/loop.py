@@ -134,7 +134,7 @@ def setup(config: dict) -> Trial:
 
     torch.manual_seed(stage.train.seed)  # identical initial weights on every rank
     adapter = build_adapter(stage.model, tuple(data.shape), len(data.labels), compression=compression,
-                            scale_factor=scale)
+                            scale_factor=scale, label_names=list(data.labels))
     model = adapter.network.to(device)
     if stage.train.memory_format == "channels_last_3d":
         model.to(memory_format=torch.channels_last_3d)   # 5-D weights only; conv outputs follow
