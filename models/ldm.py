@@ -45,9 +45,10 @@ class LabelEmbedder(nn.Module):
     """One context token per label: [B, L] values + mask -> [B, L, E].
 
     Known label i: a small per-label MLP of m_i(x_i), where m_i is the affine map of the
-    declared range [lo_i, hi_i] to [-1, 1] (`ranges[i]`), or squash where none is declared. It is written with standard layers
-    only, so that Opacus has a per-sample gradient rule for every parameter: the input row of
-    label i is [squash(x_i) * onehot(i), onehot(i)], so the first Linear acts as a per-label
+    declared range [lo_i, hi_i] to [-1, 1] (`ranges[i]`), or squash where none is declared.
+    It is written with standard layers only, so that Opacus has a per-sample gradient rule for
+    every parameter: the input row of label i is [m_i(x_i) * onehot(i), onehot(i)], so the
+    first Linear acts as a per-label
     slope and per-label bias (the label's identity), then SiLU and a shared output Linear.
     Unknown label i (mask False, NaN, or dropped): a learned per-label "unknown" token from an
     Embedding; the value is never fed as a number. With no labels, one learned null token.

@@ -501,18 +501,17 @@ class SweepConfig(_Strict):
             if s.init_from is not None and by_name[s.init_from].model.kind != s.model.kind:
                 raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} trains "
                                  f"{by_name[s.init_from].model.kind}; expected the same model kind ({s.model.kind})")
-            if s.init_from is not None and getattr(by_name[s.init_from].model, "downsample", None) != \
-                    getattr(s.model, "downsample", None):
-                raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} has model.downsample "
-                                 f"{by_name[s.init_from].model.downsample!r}, this stage {s.model.downsample!r}; "
-                                 "the weights only fit the same downsampling")
-            if s.init_from is not None and getattr(by_name[s.init_from].model, "label_ranges", None) != \
-                    getattr(s.model, "label_ranges", None):
-                raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} has model.label_ranges "
-                                 f"{by_name[s.init_from].model.label_ranges}, this stage {s.model.label_ranges}; "
-                                 "the label embedder's weights only fit the label map they were trained with")
+            # model options the initialising weights were trained for, and must keep
+            for key, why in (("downsample", "the weights only fit the same downsampling"),
+                             ("label_ranges", "the label embedder's weights only fit the label map they were trained with")):
+                if s.init_from is None:
+                    break
+                theirs, ours = getattr(by_name[s.init_from].model, key, None), getattr(s.model, key, None)
+                if theirs != ours:
+                    raise ValueError(f"stages[{s.name}].init_from: stage {s.init_from!r} has model.{key} "
+                                     f"{theirs!r}, this stage {ours!r}; {why}")
             ranges = getattr(s.model, "label_ranges", None) or {}
-            labels = list(self.stage_data(s).labels)
+            labels = list(self.stage_data(s).labels) if ranges else []
             for name in ranges:
                 if name not in labels:
                     raise ValueError(f"stages[{s.name}].model.label_ranges.{name}: not a label of this stage's data; "
