@@ -429,3 +429,69 @@ def test_malicious_pickles_never_run_without_allow_pickle(tmp_path, where):
         with pytest.raises(DataError):
             read_sample(root / "samples" / "s0.npz", allow_pickle=True)
         assert not marker.exists(), "the pickle in an .npz ran"
+
+
+# ---------------------------------------------------------------- reads from many threads
+def test_npz_reads_match_numpy_for_every_layout(tmp_path):
+    """The .npz reader (ours, for the header lock) gives what np.load gives: C and Fortran
+    order, compressed members, big-endian dtypes, integer labels."""
+    image = _image(3)
+    cases = {"c": dict(image=image, labels=np.array([1.0, 2.0])),
+             "fortran": dict(image=np.asfortranarray(image), labels=np.array([3, 4], dtype=np.int16)),
+             "big_endian": dict(image=image.astype(">f8"), labels=np.array([5.0, np.nan]))}
+    for name, arrays in cases.items():
+        for save in (np.savez, np.savez_compressed):
+            path = tmp_path / f"{name}_{save.__name__}.npz"
+            save(path, **arrays)
+            got, labels = read_sample(path)
+            ref = np.load(path)
+            np.testing.assert_array_equal(got, ref["image"].astype(np.float32))
+            np.testing.assert_array_equal(labels, ref["labels"].astype(np.float32))
+
+
+def test_truncated_npz_member_is_one_line(tmp_path):
+    import zipfile
+    path = tmp_path / "t.npz"
+    np.savez(path, image=_image(1), labels=np.array([1.0, 2.0]))
+    with zipfile.ZipFile(path) as z:
+        raw = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(path, "w") as z:  # a valid zip whose image member lost its tail
+        z.writestr("image.npy", raw["image.npy"][:-40])
+        z.writestr("labels.npy", raw["labels.npy"])
+    with pytest.raises(DataError, match="truncated"):
+        read_sample(path)
+
+
+def test_npz_reads_survive_many_threads(tmp_path):
+    """numpy parses .npy headers with ast.literal_eval, whose recursion bookkeeping CPython 3.11
+    shares between threads (gh-106905): concurrent reads at different stack depths, with
+    finalizers running mid-parse, failed in CI with "AST constructor recursion depth mismatch".
+    The header lock makes the validation and preload thread pools safe."""
+    import gc
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = write_sample(tmp_path / "s.npz", _image(0), np.array([1.0, 2.0]))
+
+    class Finalized:  # a cycle whose __del__ runs Python code inside the collector
+        def __del__(self):
+            sum(range(50))
+
+    def read(depth):
+        if depth:
+            return read(depth - 1)
+        for _ in range(3):
+            c = Finalized()
+            c.self = c
+        return read_sample(path)
+
+    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
+    gc.set_threshold(5)
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: read(i % 7), range(3000)))
+    finally:
+        gc.set_threshold(*threshold)
+        sys.setswitchinterval(interval)
+    assert len(results) == 3000

@@ -24,6 +24,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+import zipfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,6 +77,29 @@ class DatasetIndex:
         return [np.asarray(v, dtype=np.int64) for v in groups.values()]
 
 
+# numpy parses every .npy header with ast.literal_eval, and CPython 3.11's AST constructor
+# keeps its recursion depth in state shared by all threads: two threads building ASTs at
+# once can fail with "SystemError: AST constructor recursion depth mismatch" (CPython
+# gh-106905; seen in CI). Headers are parsed under this lock; payloads still read in parallel.
+_HEADER_LOCK = threading.Lock()
+
+
+def _read_member(zf: zipfile.ZipFile, key: str) -> np.ndarray:
+    """Array `key` of an .npz, never unpickled (object arrays raise ValueError)."""
+    with zf.open(f"{key}.npy") as f:
+        with _HEADER_LOCK:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+        if dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        flat = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=dtype)
+        got = f.readinto(memoryview(flat.view(np.uint8)))
+        if got != flat.nbytes:
+            raise ValueError(f"array {key!r} is truncated ({got} of {flat.nbytes} bytes)")
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
 def _pickle_hint(name: str) -> str:
     return f"{name} is a pickled object; pickles can run code when loaded, so set `data.allow_pickle: true` only if the file is trusted"
 
@@ -102,20 +127,23 @@ def _load_raw(path: Path, name: str, allow_pickle: bool) -> tuple[np.ndarray, np
                 if not magic.startswith(b"PK"):
                     raise DataError(f"{name}: not an .npz (zip) archive (starts with {magic!r}); expected a file written by np.savez")
                 fh.seek(0)
-                z = np.load(fh, allow_pickle=False)
-                missing = [k for k in ("image", "labels") if k not in z.files]
-                if missing:
-                    raise DataError(f"{name}: npz is missing key(s) {missing} (found {sorted(z.files)}); expected keys 'image' and 'labels'")
-                arrays = {"subject": None}
-                for key in ("image", "labels") + (("subject",) if "subject" in z.files else ()):
-                    try:
-                        arrays[key] = z[key]
-                    except ValueError:  # object array stored inside the npz
-                        raise DataError(f"{name}: array {key!r} is a pickled object array; expected a numeric array") from None
-                z.close()
+                with zipfile.ZipFile(fh) as z:
+                    files = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+                    missing = [k for k in ("image", "labels") if k not in files]
+                    if missing:
+                        raise DataError(f"{name}: npz is missing key(s) {missing} (found {sorted(files)}); expected keys 'image' and 'labels'")
+                    arrays = {"subject": None}
+                    for key in ("image", "labels") + (("subject",) if "subject" in files else ()):
+                        try:
+                            arrays[key] = _read_member(z, key)
+                        except ValueError as e:
+                            if "allow_pickle" not in str(e):
+                                raise
+                            raise DataError(f"{name}: array {key!r} is a pickled object array; expected a numeric array") from None
             image, labels, subject = arrays["image"], arrays["labels"], arrays["subject"]
         else:
-            obj = np.load(path, allow_pickle=True)
+            with _HEADER_LOCK:  # opted-in pickles: the whole load parses an AST
+                obj = np.load(path, allow_pickle=True)
             if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0:
                 obj = obj.item()  # np.save(dict) wraps the dict in a 0-d object array
             if not isinstance(obj, dict) or not {"image", "labels"} <= obj.keys():
@@ -208,7 +236,8 @@ def _read_index(index_file: Path, shown: str, split: str, allow_pickle: bool) ->
         raise DataError(f"index file {shown} is not a .npy file (starts with {magic!r}); expected a 1-D string array "
                         f"of {split} sample paths written by np.save")
     try:
-        arr = np.load(index_file, allow_pickle=allow_pickle)
+        with _HEADER_LOCK:
+            arr = np.load(index_file, allow_pickle=allow_pickle)
     except ValueError as e:
         if "allow_pickle" in str(e):
             raise DataError(f"index file {shown} is a pickled object array; save it with np.save(path, np.array(paths, dtype=str)), "
