@@ -84,15 +84,15 @@ class DatasetIndex:
 _HEADER_LOCK = threading.Lock()
 
 
-def _read_member(zf: zipfile.ZipFile, key: str) -> np.ndarray:
-    """Array `key` of an .npz, never unpickled (object arrays raise ValueError)."""
+def _read_member(zf: zipfile.ZipFile, key: str, name: str) -> np.ndarray:
+    """Array `key` of the .npz shown as `name` in errors; object arrays are refused, never unpickled."""
     with zf.open(f"{key}.npy") as f:
         with _HEADER_LOCK:
             version = np.lib.format.read_magic(f)
             header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = header(f)
         if dtype.hasobject:
-            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+            raise DataError(f"{name}: array {key!r} is a pickled object array; expected a numeric array")
         flat = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=dtype)
         got = f.readinto(memoryview(flat.view(np.uint8)))
         if got != flat.nbytes:
@@ -134,12 +134,7 @@ def _load_raw(path: Path, name: str, allow_pickle: bool) -> tuple[np.ndarray, np
                         raise DataError(f"{name}: npz is missing key(s) {missing} (found {sorted(files)}); expected keys 'image' and 'labels'")
                     arrays = {"subject": None}
                     for key in ("image", "labels") + (("subject",) if "subject" in files else ()):
-                        try:
-                            arrays[key] = _read_member(z, key)
-                        except ValueError as e:
-                            if "allow_pickle" not in str(e):
-                                raise
-                            raise DataError(f"{name}: array {key!r} is a pickled object array; expected a numeric array") from None
+                        arrays[key] = _read_member(z, key, name)
             image, labels, subject = arrays["image"], arrays["labels"], arrays["subject"]
         else:
             with _HEADER_LOCK:  # opted-in pickles: the whole load parses an AST
