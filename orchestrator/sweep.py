@@ -389,7 +389,9 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
                  "workers": c.workers_per_trial, "cpus_per_worker": c.cpus_per_worker, "use_gpu": use_gpu,
                  "gpus_per_worker": c.gpus_per_worker,
                  "storage_path": str(out / "ray_results"), "max_failures": c.max_failures,
-                 "cache_dir": str(out / ".cache")}
+                 "cache_dir": str(out / ".cache"),
+                 # launch started this cluster on this machine (no `cluster.address`)
+                 "local_cluster": not c.address}
     logger_args = {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent}
     results: dict[str, list[dict]] = {}
     selected: dict[str, list[dict]] = {}

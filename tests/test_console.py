@@ -2,6 +2,7 @@
 prints its plan, one progress line per trial per epoch, one line per finished trial, then
 the summary and the report, and nothing twice, nothing at error level, no Ray/Tune tables."""
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,11 @@ def test_demo_smoke_console_is_short_and_says_each_thing_once(tmp_path):
     summary = first("summary")
     assert max(lines.index(ln) for ln in epochs + done) < summary < first("report (python -m orchestrator.report")
     assert len(lines) <= 60, f"{len(lines)} lines:\n{out}"
+
+    # a local launch's trials start no Ray Train helper actors a single machine never uses
+    # (orchestrator/trial.py): the session's worker logs name every actor process started
+    logs = Path(re.search(r"worker logs \(every trial's own output\): (\S+);", out).group(1))
+    names = Counter(m for f in logs.glob("worker-*.out")
+                    for m in re.findall(r"^:actor_name:(\w+)", f.read_text(errors="replace"), re.M))
+    assert names["RayTrainWorker"] == 6 and names["TrainController"] == 6, names
+    assert names["DatasetManager"] == 0 and names["PlacementGroupCleaner"] == 0, names

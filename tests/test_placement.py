@@ -48,3 +48,22 @@ def test_trials_that_can_never_fit_are_refused(cluster, nodes, key):
 def test_local_ray_keeps_one_declared_cpu_for_trial_drivers():
     local = parse_sweep({"name": "p", "stages": [{"name": "a"}]})
     assert cluster_plan(local, None, [{"CPU": 3}]) == (False, 2)
+
+
+def test_a_local_cluster_trial_starts_no_dataset_manager_or_placement_group_cleaner():
+    """The trainer of a local launch drops exactly the two helper actors a single-machine
+    cluster without Ray Datasets never uses, and keeps every other default callback."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from orchestrator.trial import _local_trainer_class
+
+    local = _local_trainer_class()
+    assert local is not TorchTrainer and issubclass(local, TorchTrainer)
+    kwargs = dict(train_loop_per_worker=lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    stock = [type(cb) for cb in TorchTrainer(**kwargs)._create_default_callbacks()]
+    lean = [type(cb) for cb in local(**kwargs)._create_default_callbacks()]
+    assert DatasetsCallback in stock and PlacementGroupCleanerCallback in stock
+    assert lean == [c for c in stock if c not in (DatasetsCallback, PlacementGroupCleanerCallback)]
