@@ -84,3 +84,11 @@ def test_audit_cost_reports_the_three_sides(tmp_path, capsys):
         assert rows[side]["train_ratio"] == pytest.approx(rows[side]["train_s"] / rows["none"]["train_s"])
         assert 0 <= rows[side]["audit/epsilon_lower"] <= rows[side]["epsilon"]
     assert "| input, M = 100 |" in capsys.readouterr().out
+
+
+def test_trial_start_help(capsys):
+    from benchmarks import trial_start
+
+    with pytest.raises(SystemExit) as exc:
+        trial_start.main(["--help"])
+    assert exc.value.code == 0 and "--runs" in capsys.readouterr().out
