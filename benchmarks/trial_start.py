@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
 from collections import Counter
 
@@ -25,7 +27,7 @@ def _report_once(config: dict) -> None:
     ray.train.report({"done": 1})
 
 
-def _actor_classes(ray) -> Counter:
+def _actor_classes() -> Counter:
     """Every actor the cluster has started (dead ones included), by class."""
     from ray.util.state import list_actors
 
@@ -54,9 +56,6 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="write the result as JSON here")
     args = p.parse_args(argv)
 
-    import os
-    import tempfile
-
     import ray
     from ray.train.torch import TorchTrainer
 
@@ -74,9 +73,9 @@ def main(argv=None) -> dict:
             run_one(TorchTrainer, args.workers, tmp, "warm-up")   # first run imports and caches
             for i in range(args.runs):
                 for label, cls in (("stock", TorchTrainer), ("local", local)):
-                    before = _actor_classes(ray)
+                    before = _actor_classes()
                     walls[label].append(run_one(cls, args.workers, tmp, f"{label}-{i}"))
-                    actors[label] = dict(_actor_classes(ray) - before)
+                    actors[label] = dict(_actor_classes() - before)
     finally:
         ray.shutdown()
     result = {"workers": args.workers, "runs": args.runs,

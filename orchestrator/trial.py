@@ -7,6 +7,8 @@ restarted trial (or `--resume`) finds its own checkpoints.
 """
 from __future__ import annotations
 
+import functools
+
 import ray.train
 from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -15,6 +17,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 DRIVER_CPUS = 0.05  # the driver only waits on the trainer; Tune rejects a request of 0
 
 
+@functools.cache
 def _local_trainer_class():
     """TorchTrainer without the two helper actors a single-machine cluster never needs.
 
@@ -24,13 +27,13 @@ def _local_trainer_class():
     die ungracefully; on a local cluster the whole cluster goes with the launch. Each is one
     more Python process importing Ray (and Ray Data) for every trial, on the cores the workers
     train on. Both come from the trainer's private `_create_default_callbacks`; if a Ray
-    version moves them, this falls back to the stock trainer (slower, nothing else)."""
+    version moves them, this falls back to the stock trainer (slower, nothing else): a missing
+    module gives TorchTrainer itself, a renamed method leaves the override below uncalled.
+    Built once per process."""
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:
-        return TorchTrainer
-    if not callable(getattr(TorchTrainer, "_create_default_callbacks", None)):
         return TorchTrainer
 
     class LocalTorchTrainer(TorchTrainer):
