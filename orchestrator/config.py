@@ -98,6 +98,10 @@ class ClusterConfig(_Strict):
     use_gpu: Literal[True, False, "auto"] = Field("auto", description="`auto`: GPUs when the cluster has them")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs each Train worker reserves when GPUs are used; below 1 shares a GPU between small trials")
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="null: as many as the cluster's CPUs/GPUs fit")
+    spread_cpus: bool = Field(False, description="a non-DP stage with fewer trials than fit at once gives the idle CPUs "
+                                                 "to its trials' workers (more torch threads each): a lone trial on a "
+                                                 "2-core machine trains with 2 threads, not 1. DP stages keep "
+                                                 "`cpus_per_worker`")
     num_cpus: Optional[int] = Field(None, ge=1, description="local Ray only: logical CPUs to declare (default: all cores)")
     dashboard_host: str = Field("127.0.0.1", description="local Ray only: where the dashboard listens")
     max_failures: int = Field(2, ge=0, description="worker-group restarts per trial (resumes from the last checkpoint)")

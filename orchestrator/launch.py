@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         quiet_console(args.verbose)
         ray = start_ray(cfg, args.verbose)
         use_gpu, concurrent = cluster_plan(cfg, ray)
-        return run_sweep(cfg, plans, args, use_gpu=use_gpu, max_concurrent=concurrent)
+        return run_sweep(cfg, plans, args, use_gpu=use_gpu, max_concurrent=concurrent, nodes=_alive_nodes(ray))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -91,7 +91,8 @@ def run_stage(cfg: SweepConfig, plan: StagePlan, meta_base: dict, logger_args: d
     space = {"stage": build_param_space(stage_dict, stage.search)}
     extra = {"data.root": plan.data.root, "data.private": plan.data.private, "data.n_train": plan.n_train,
              "data.labels": ",".join(plan.data.labels), "data.shape": "x".join(map(str, plan.data.shape)),
-             "cluster.workers_per_trial": meta_base["workers"], "privacy.unit": plan.unit}
+             "cluster.workers_per_trial": meta_base["workers"], "cluster.cpus_per_worker": meta_base["cpus_per_worker"],
+             "privacy.unit": plan.unit}
     if plan.n_subjects is not None:
         extra.update({"data.n_subjects": plan.n_subjects, "data.max_volumes_per_subject": plan.group_size})
     for key in ("needs", "init_from"):
@@ -371,7 +372,34 @@ def print_summary(cfg: SweepConfig, results: dict, uri: str, out: Path, books: d
     print(f"results and checkpoints: {out}")
 
 
-def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: bool, max_concurrent: int) -> int:
+def spread_cpus_per_worker(c, concurrent: int, n_trials: int, nodes: list[dict] | None) -> float:
+    """CPUs each worker of a stage's trials reserves: `cluster.cpus_per_worker`, or with
+    `cluster.spread_cpus` that times the trial slots the stage leaves idle (a lone trial
+    where two fit takes both slots' CPUs), as long as the widened workers still fit the
+    nodes whole (a local Ray declares one CPU more than its cores, for the trial drivers)."""
+    base = c.cpus_per_worker
+    if not c.spread_cpus or n_trials < 1 or concurrent <= n_trials:
+        return base
+    local = not c.address
+    for factor in range(concurrent // n_trials, 1, -1):
+        wide = base * factor
+        if nodes is None:
+            return wide
+        room = [n.get("CPU", 0) - (1 if local else DRIVER_CPUS) for n in nodes]
+        if sum(int(r // wide) for r in room) >= n_trials * c.workers_per_trial:
+            return wide
+    return base
+
+
+def stage_trials(stage, count: int) -> int:
+    """Trials one Tuner of this stage runs: `count` (num_samples) times the grid."""
+    if stage.search.method != "grid":
+        return count
+    return count * math.prod(len(p.values) if p.values is not None else 1 for p in stage.search.parameters.values())
+
+
+def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: bool, max_concurrent: int,
+              nodes: list[dict] | None = None) -> int:
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     state = json.loads((out / STATE_FILE).read_text()) if args.resume and (out / STATE_FILE).exists() else {}
@@ -417,6 +445,14 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
             ups = (_select(results[stage.needs], "each", "min") if stage.select == "each"
                    else selected[stage.needs])
         count = trial_count(stage, state, out, client, parent)
+        # DP stages keep their CPUs: torch 2.13's channels-last GroupNorm backward segfaulted under
+        # the book-keeping per-sample hooks with 2 threads in a Ray worker (design/FACTS.md)
+        cpus = (c.cpus_per_worker if stage.dp.enabled
+                else spread_cpus_per_worker(c, max_concurrent, stage_trials(stage, count), nodes))
+        stage_meta = {**meta_base, "cpus_per_worker": cpus}
+        if cpus != c.cpus_per_worker:
+            print(f"[{stage.name}] {stage_trials(stage, count)} trial(s) where {max_concurrent} fit: each worker "
+                  f"takes {cpus:g} CPUs ({int(cpus)} torch threads; cluster.spread_cpus)", flush=True)
         rows = []
         for up in ups:
             name = f"{cfg.name}-{stage.name}"
@@ -424,7 +460,7 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
                 name += f"-{up['trial_id']}"
             upstream = {"needs": up["checkpoint"] if up else None, "init_from": init["checkpoint"] if init else None,
                         "scale_data": public_scale_data(plans, stage)}
-            got = run_stage(cfg, plans[stage.name], meta_base, logger_args, name, args.resume,
+            got = run_stage(cfg, plans[stage.name], stage_meta, logger_args, name, args.resume,
                             max_concurrent, upstream, count, getattr(args, "verbose", False)) if count else []
             for r in got:
                 r.update(stage=stage.name, key=f"{parent}/{stage.name}/{r['trial_id']}",

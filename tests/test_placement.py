@@ -67,3 +67,25 @@ def test_a_local_cluster_trial_starts_no_dataset_manager_or_placement_group_clea
     lean = [type(cb) for cb in local(**kwargs)._create_default_callbacks()]
     assert DatasetsCallback in stock and PlacementGroupCleanerCallback in stock
     assert lean == [c for c in stock if c not in (DatasetsCallback, PlacementGroupCleanerCallback)]
+
+
+def test_spread_cpus_gives_a_small_stage_the_idle_slots_and_only_whole_fits():
+    from orchestrator.config import StageConfig
+    from orchestrator.sweep import spread_cpus_per_worker, stage_trials
+
+    local = lambda **kw: parse_sweep({"name": "p", "cluster": {"spread_cpus": True, **kw},  # noqa: E731
+                                      "stages": [{"name": "a"}]}).cluster
+    two_cores = [{"CPU": 3}]          # a local Ray declares one CPU more than its cores
+    assert spread_cpus_per_worker(local(), 2, 1, two_cores) == 2       # a lone trial takes both cores
+    assert spread_cpus_per_worker(local(), 2, 2, two_cores) == 1       # two trials: one each, as before
+    assert spread_cpus_per_worker(local(), 2, 3, two_cores) == 1
+    assert spread_cpus_per_worker(local(), 8, 3, [{"CPU": 9}]) == 2    # 3 trials of 2 CPUs fit 8 cores
+    assert spread_cpus_per_worker(local(spread_cpus=False), 2, 1, two_cores) == 1
+    # a joined cluster: widened workers must fit whole on its nodes (4 + 2 CPUs, two workers per trial)
+    joined = local(address="auto", workers_per_trial=2)
+    assert spread_cpus_per_worker(joined, 2, 1, [{"CPU": 4}, {"CPU": 2}]) == 1     # 2 x 2 would need 2 nodes of 2
+    assert spread_cpus_per_worker(joined, 2, 1, [{"CPU": 4.5}, {"CPU": 2.5}]) == 2
+    # trials in one Tuner: the grid times num_samples
+    grid = StageConfig.model_validate({"name": "g", "search": {"num_samples": 2, "parameters": {
+        "dp.noise_multiplier": {"values": [1.0, 2.0, 3.0]}}}})
+    assert stage_trials(grid, 2) == 6

@@ -4,6 +4,7 @@ fine-tuning on private data planned from a target epsilon, once per compression 
 (`select: each`); then the evaluation metrics, the privacy ledger (checked against
 dp-accounting), the report, and sampling from the fine-tuned generator."""
 import json
+import os
 import subprocess
 import sys
 
@@ -41,8 +42,10 @@ def test_compression_then_pretrained_ldm_then_dp_finetune(tmp_path):
               dp={"target_epsilon": TARGET_EPSILON, "noise_multiplier": None},
               train={"finetune": "attention", "sample_grid": 2}, eval={"n_samples": 4}),
     ]
-    raw = sweep_dict("two", n=24, labels=("LVEDV", "ESED", "AGE"), data={"root": "data/private"}, stages=stages)
-    launch(tmp_path, write_sweep(tmp_path, raw))
+    # spread_cpus: the lone non-DP trial takes both trial slots' CPUs; DP stages keep one each
+    raw = sweep_dict("two", n=24, labels=("LVEDV", "ESED", "AGE"), data={"root": "data/private"}, stages=stages,
+                     cluster={"spread_cpus": True, "max_concurrent_trials": 2})
+    out = launch(tmp_path, write_sweep(tmp_path, raw))
 
     client = client_for(tmp_path / "runs/two/mlflow.db")
     runs = trial_runs(client, "two")
@@ -51,6 +54,10 @@ def test_compression_then_pretrained_ldm_then_dp_finetune(tmp_path):
     ae, (pre_run,), dps = by_stage["ae"], by_stage["pre"], by_stage["dp"]
     assert len(ae) == 2 and dps
     assert all(r.data.tags["orchestrator.model"] == "vq_vae" for r in ae)
+    if (os.cpu_count() or 1) >= 2:
+        assert {r.data.params["cluster.cpus_per_worker"] for r in ae + dps} == {"1.0"}
+        assert pre_run.data.params["cluster.cpus_per_worker"] == "2.0"
+        assert "each worker takes 2 CPUs (2 torch threads; cluster.spread_cpus)" in out.stdout
     ckpt = {r.info.run_id: r.data.tags["orchestrator.checkpoint"] for r in runs}
     ae_by_ckpt = {ckpt[r.info.run_id]: r for r in ae}
     assert len(ae_by_ckpt) == 2
