@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import dp_overhead, memory, scaling
+from benchmarks import dp_overhead, memory, scaling, threads
 from orchestrator.config import StageConfig
 
 
@@ -92,3 +92,13 @@ def test_trial_start_help(capsys):
     with pytest.raises(SystemExit) as exc:
         trial_start.main(["--help"])
     assert exc.value.code == 0 and "--runs" in capsys.readouterr().out
+
+
+def test_threads_reports_one_and_several_threads_side_by_side(tmp_path):
+    out = tmp_path / "threads.json"
+    rows = threads.main(["--quick", "--repeats", "1", "--families", "beta_vae", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    (row,) = rows
+    assert row["family"] == "beta_vae" and row["shape"] == [13, 32, 32]
+    assert row["one_thread_step_s"] > 0 and row["n_threads_step_s"] > 0
+    assert row["speedup"] == row["one_thread_step_s"] / row["n_threads_step_s"]
