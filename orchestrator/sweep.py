@@ -172,9 +172,7 @@ def stage_plan_line(stage, plan: StagePlan) -> str:
     if isinstance(spec, RandomCount):
         count = f"~{spec.mean:g} trials (random count)"
     else:
-        n = int(spec)
-        if stage.search.method == "grid":
-            n *= math.prod(len(p.values) if p.values is not None else 1 for p in stage.search.parameters.values())
+        n = stage_trials(stage, int(spec))
         count = f"{n} trial{'s' if n != 1 else ''}"
     over = " x ".join(stage.search.parameters)
     kind = "DP" if stage.dp.enabled else "non-DP"
@@ -380,14 +378,12 @@ def spread_cpus_per_worker(c, concurrent: int, n_trials: int, nodes: list[dict] 
     base = c.cpus_per_worker
     if not c.spread_cpus or n_trials < 1 or concurrent <= n_trials:
         return base
-    local = not c.address
+    if nodes is None:
+        return base * (concurrent // n_trials)
+    room = [n.get("CPU", 0) - (DRIVER_CPUS if c.address else 1) for n in nodes]
     for factor in range(concurrent // n_trials, 1, -1):
-        wide = base * factor
-        if nodes is None:
-            return wide
-        room = [n.get("CPU", 0) - (1 if local else DRIVER_CPUS) for n in nodes]
-        if sum(int(r // wide) for r in room) >= n_trials * c.workers_per_trial:
-            return wide
+        if sum(int(r // (base * factor)) for r in room) >= n_trials * c.workers_per_trial:
+            return base * factor
     return base
 
 
@@ -445,13 +441,14 @@ def run_sweep(cfg: SweepConfig, plans: dict[str, StagePlan], args, *, use_gpu: b
             ups = (_select(results[stage.needs], "each", "min") if stage.select == "each"
                    else selected[stage.needs])
         count = trial_count(stage, state, out, client, parent)
+        n_trials = stage_trials(stage, count)
         # DP stages keep their CPUs: torch 2.13's channels-last GroupNorm backward segfaulted under
         # the book-keeping per-sample hooks with 2 threads in a Ray worker (design/FACTS.md)
         cpus = (c.cpus_per_worker if stage.dp.enabled
-                else spread_cpus_per_worker(c, max_concurrent, stage_trials(stage, count), nodes))
+                else spread_cpus_per_worker(c, max_concurrent, n_trials, nodes))
         stage_meta = {**meta_base, "cpus_per_worker": cpus}
         if cpus != c.cpus_per_worker:
-            print(f"[{stage.name}] {stage_trials(stage, count)} trial(s) where {max_concurrent} fit: each worker "
+            print(f"[{stage.name}] {n_trials} trial(s) where {max_concurrent} fit: each worker "
                   f"takes {cpus:g} CPUs ({int(cpus)} torch threads; cluster.spread_cpus)", flush=True)
         rows = []
         for up in ups:
