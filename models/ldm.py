@@ -228,15 +228,23 @@ class LDM(Adapter):
         return [tuple(ranges[n]) if n in ranges else None for n in self.label_names]
 
     # -- data <-> diffusion space -------------------------------------------------------
-    def to_diffusion(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Images in [0, 1] -> scaled latents padded to the UNet stride (and the size to crop to)."""
+    def to_diffusion(self, x: torch.Tensor, latent: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Images in [0, 1] -> scaled latents padded to the UNet stride (and the size to crop to).
+        `latent`: the compression model's encoding of `x`, already computed (LatentCache)."""
         with torch.no_grad():
-            # Image space: 2x - 1 is the usual fixed DDPM data range, not a data statistic.
-            z = self.compression.encode_latent(x) if self.compression is not None else 2 * x - 1
+            if latent is not None and self.compression is not None:
+                z = latent.to(x.device, x.dtype)
+            else:   # image space: 2x - 1 is the usual fixed DDPM data range, not a data statistic
+                z = self.compression.encode_latent(x) if self.compression is not None else 2 * x - 1
             z = z * self.scale_factor
         # Replicate-padding odd sizes; the loss covers the padded border too, so sampling
         # generates a consistent border that is cropped away at the end.
         return pad_to_multiple(z, self.stride)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """What LatentCache stores: the frozen compression model's latent of `x`, unscaled."""
+        return self.compression.encode_latent(x)
 
     def from_diffusion(self, z: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
         z = crop_to(z, spatial) / self.scale_factor
@@ -253,7 +261,7 @@ class LDM(Adapter):
 
     def per_sample_loss(self, net, batch):
         x = batch["image"]
-        z, _ = self.to_diffusion(x)
+        z, _ = self.to_diffusion(x, batch.get("latent"))
         b = z.shape[0]
         labels = batch["labels"].to(device=z.device, dtype=z.dtype)
         mask = batch["label_mask"].to(device=z.device, dtype=torch.bool)

@@ -260,3 +260,29 @@ def test_label_ranges_reach_the_network_output():
     with torch.no_grad():
         out_a, out_b = a.network(z, t, labels, mask, keep), b.network(z, t, labels, mask, keep)
     assert not torch.allclose(out_a, out_b)  # same weights, different label map -> different output
+
+
+def test_cached_latents_give_the_loss_the_encoder_would():
+    """LatentCache (trainers/data.py) stores each volume's latent once; the training loss
+    on a cached batch equals the loss that encodes the batch itself, draw for draw."""
+    from trainers.data import LatentCache, collate
+
+    shape = (5, 16, 16)
+    torch.manual_seed(0)
+    a = LDM(cfg(), shape, 3, compression=compression(shape))
+    warm_up(a, shape)   # MONAI zero-initialises the output layer: at init the input does not matter
+    raw = [{"image": im, "labels": lb, "label_mask": m}
+           for im, lb, m in zip(*(batch(shape)[k] for k in ("image", "labels", "label_mask")))]
+    cached = LatentCache(raw, a.encode, "cpu", batch_size=3)   # two chunks: 3 + 1
+    assert cached.latents.shape == (4, *a.compression.latent_shape) and len(cached) == 4
+    plain, with_latent = collate(raw, [3, 0, 2], "cpu"), collate(cached, [3, 0, 2], "cpu")
+    assert "latent" not in plain and torch.equal(with_latent["image"], plain["image"])
+    torch.manual_seed(5)
+    expected, _ = a.per_sample_loss(a.network, plain)
+    torch.manual_seed(5)
+    got, _ = a.per_sample_loss(a.network, with_latent)
+    torch.testing.assert_close(got, expected)
+    # and the cache is what the loss uses: a wrong latent changes it
+    with_latent["latent"] = with_latent["latent"] + 1.0
+    torch.manual_seed(5)
+    assert not torch.allclose(a.per_sample_loss(a.network, with_latent)[0], expected)

@@ -30,7 +30,7 @@ import ray.train.torch
 from models import GENERATOR_FAMILIES, build_adapter
 from orchestrator.config import DataConfig, StageConfig
 from trainers.checkpoints import CHECKPOINT_FILE, WeightEMA, adapter_from_record, compression_record, load_state
-from trainers.data import VolumeDataset, collate, validate_dataset
+from trainers.data import LatentCache, VolumeDataset, collate, validate_dataset
 from trainers.generators import freeze_all_but_attention, resolve_latent_scale, write_sample_grid
 from trainers.trial_eval import evaluate_trial
 from trainers.privacy import (PoissonSampler, PrivacyFacts, ShuffleSampler, Stepper, make_dp_stepper, microbatches,
@@ -138,6 +138,10 @@ def setup(config: dict) -> Trial:
     model = adapter.network.to(device)
     if stage.train.memory_format == "channels_last_3d":
         model.to(memory_format=torch.channels_last_3d)   # 5-D weights only; conv outputs follow
+    if compression is not None and hasattr(adapter, "encode"):
+        # The frozen encoder runs once per training and validation volume, not once per epoch.
+        train_set, val_set = (LatentCache(s, adapter.encode, device, stage.train.physical_batch_size)
+                              for s in (train_set, val_set))
     if init_state is not None and not resuming:
         model.load_state_dict(init_state["model"])
         params["upstream.init_from_checkpoint"] = meta["init_from"]
