@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import dp_overhead, memory, scaling, threads
+from benchmarks import dp_overhead, latent_cache, memory, scaling, threads
 from orchestrator.config import StageConfig
 
 
@@ -102,3 +102,13 @@ def test_threads_reports_one_and_several_threads_side_by_side(tmp_path):
     assert row["family"] == "beta_vae" and row["shape"] == [13, 32, 32]
     assert row["one_thread_step_s"] > 0 and row["n_threads_step_s"] > 0
     assert row["speedup"] == row["one_thread_step_s"] / row["n_threads_step_s"]
+
+
+def test_latent_cache_reports_encoding_and_cached_steps_side_by_side(tmp_path):
+    out = tmp_path / "latent_cache.json"
+    rows = latent_cache.main(["--quick", "--repeats", "1", "--modes", "non-DP", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    (row,) = rows
+    assert row["dp"] is False and row["shape"] == [13, 32, 32] and row["threads"] == 1
+    assert row["encode_step_s"] > 0 and row["cached_step_s"] > 0
+    assert row["speedup"] == row["encode_step_s"] / row["cached_step_s"]

@@ -172,30 +172,56 @@ def default_extractor():
 
 
 # --------------------------------------------------------------------------- controllability
-def control_scores(requested: dict, measured: dict) -> dict[str, float]:
+def control_scores(requested: dict, measured: dict) -> dict:
     """How well generated volumes follow the labels they were drawn with.
 
     For every label in both dicts (arrays of the same length): Pearson r and MAE over the
     pairs where both values are finite (r is NaN with < 3 pairs or zero variance),
     ``control/r_mean`` over the finite r, and ``control/ed_es_accuracy`` when ESED is in both
     (requested and measured phase rounded to 0/1).
+
+    Arrays of shape (..., n) score every leading index at once (the bootstrap's resamples,
+    trainers/uncertainty.py): each score is then an array of shape (...), not a float.
     """
-    out: dict[str, float] = {}
+    out: dict = {}
     rs = []
     for name in [n for n in requested if n in measured]:
-        q = np.asarray(requested[name], np.float64).ravel()
-        m = np.asarray(measured[name], np.float64).ravel()
+        q = np.asarray(requested[name], np.float64)
+        m = np.asarray(measured[name], np.float64)
+        if q.ndim <= 1 or m.ndim <= 1:
+            q, m = q.ravel(), m.ravel()
         if q.shape != m.shape:
             raise ValueError(f"{name}: {q.size} requested vs {m.size} measured values; expected one per volume")
         ok = np.isfinite(q) & np.isfinite(m)
-        q, m = q[ok], m[ok]
-        r = float("nan")
-        if len(q) >= 3 and q.std() > 0 and m.std() > 0:
-            r = float(np.corrcoef(q, m)[0, 1])
-            rs.append(r)
-        out[f"control/{name}/r"] = r
-        out[f"control/{name}/mae"] = float(np.abs(q - m).mean()) if len(q) else float("nan")
+        count = ok.sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dq = np.where(ok, q - (np.where(ok, q, 0).sum(-1) / count)[..., None], 0)
+            dm = np.where(ok, m - (np.where(ok, m, 0).sum(-1) / count)[..., None], 0)
+            sqq, smm = (dq * dq).sum(-1), (dm * dm).sum(-1)
+            r = np.where((count >= 3) & (sqq > 0) & (smm > 0),
+                         np.clip((dq * dm).sum(-1) / np.sqrt(sqq * smm), -1, 1), np.nan)
+            mae = np.where(count > 0, np.where(ok, np.abs(q - m), 0).sum(-1) / count, np.nan)
+            if name == "ESED":
+                hit = ok & (np.round(np.where(ok, q, 0)) == np.round(np.where(ok, m, 0)))
+                accuracy = np.where(count > 0, hit.sum(-1) / count, np.nan)
+        rs.append(r)
+        out[f"control/{name}/r"] = _scalar(r)
+        out[f"control/{name}/mae"] = _scalar(mae)
         if name == "ESED":
-            out["control/ed_es_accuracy"] = float((np.round(q) == np.round(m)).mean()) if len(q) else float("nan")
-    out["control/r_mean"] = float(np.mean(rs)) if rs else float("nan")
+            out["control/ed_es_accuracy"] = _scalar(accuracy)
+    if rs:
+        stacked = np.stack(rs)
+        finite = np.isfinite(stacked)
+        n_finite = finite.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r_mean = np.where(n_finite > 0, np.where(finite, stacked, 0).sum(0) / n_finite, np.nan)
+    else:
+        r_mean = np.nan
+    out["control/r_mean"] = _scalar(r_mean)
     return out
+
+
+def _scalar(x):
+    """A 0-d result as a float (one set of scores), a batch of them as an array."""
+    x = np.asarray(x, np.float64)
+    return float(x) if x.ndim == 0 else x

@@ -11,7 +11,8 @@ Each resample is cheap because nothing is recomputed from the volumes:
 * FD: Tr (S1 S2)^(1/2) = ||A^T B||_* (nuclear norm), with S1 = A A^T and S2 = B B^T the
   sample covariances written with the centred feature rows. The non-zero eigenvalues of
   S1 S2 are those of (A^T B)(A^T B)^T, so with fewer volumes than features (32 against 120)
-  a 32 x 32 SVD replaces a 120 x 120 sqrtm (0.03 s): the same number, to rounding.
+  a 32 x 32 SVD replaces a 120 x 120 sqrtm (0.03 s): the same number, to rounding; with more
+  volumes than features, the SVD of the F x F product of the two R factors (Cholesky).
 * MMD: MONAI's unbiased estimate from one Gram matrix of the real and generated volumes,
   indexed by the resample, with the pairs of a volume with its own duplicate left out.
 
@@ -69,8 +70,22 @@ def frechet_from_rows(a: np.ndarray, b: np.ndarray) -> float:
     ca, cb = a - a.mean(0), b - b.mean(0)
     ca, cb = ca / np.sqrt(len(a) - 1), cb / np.sqrt(len(b) - 1)
     diff = a.mean(0) - b.mean(0)
+    if min(len(a), len(b)) > a.shape[1]:
+        # More volumes than features: with ca = Qa Ra, cb = Qb Rb, ca cb^T = Qa (Ra Rb^T) Qb^T has
+        # the singular values of the F x F matrix Ra Rb^T. Ra^T Ra = ca^T ca, so Ra is the Cholesky
+        # factor of the (full-rank) Gram matrix; QR where it is singular. 300 volumes, 120
+        # features: 2.4 ms where the 300 x 300 SVD took 9.7.
+        ca, cb = _r_factor(ca), _r_factor(cb)
     cross = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
     return max(float(diff @ diff + (ca * ca).sum() + (cb * cb).sum() - 2 * cross), 0.0)
+
+
+def _r_factor(c: np.ndarray) -> np.ndarray:
+    """An R with R^T R = c^T c (F x F): the Cholesky factor, or QR's R where the Gram is singular."""
+    try:
+        return np.linalg.cholesky(c.T @ c).T
+    except np.linalg.LinAlgError:
+        return np.linalg.qr(c, mode="r")
 
 
 def mmd_from_gram(k: np.ndarray, i: np.ndarray, j: np.ndarray) -> float:
@@ -112,14 +127,23 @@ def scores_intervals(score: Callable[[np.ndarray], dict[str, float]], n: int, na
                      seed: int = 0) -> dict[str, float]:
     """`<name>_ci_low` / `_ci_high` for each of `names` that score(row indices) returns, with
     rows resampled as units (pairs: control/..., utility/...); one bootstrap for all names,
-    BCa where it is defined, else the percentile interval of the resamples that have a value."""
+    BCa where it is defined, else the percentile interval of the resamples that have a value.
+
+    `score` takes row indices of shape (..., n) and returns arrays of shape (...) (as
+    trainers.evaluation.control_scores does): all resamples, and BCa's n jackknife samples,
+    are scored in one call each (at 300 volumes: 0.3 s where one call per resample took 19 s)."""
     names = list(names)
     if n < 3 or not names:
         return {}
-    stat = lambda i: np.array([score(np.asarray(i, dtype=np.int64)).get(k, np.nan) for k in names])  # noqa: E731
+
+    def stat(i, axis=-1):
+        i = np.moveaxis(np.asarray(i, dtype=np.int64), axis, -1)
+        got = score(i)
+        return np.stack([np.broadcast_to(np.asarray(got.get(k, np.nan), np.float64), i.shape[:-1]) for k in names])
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NaN resamples (r of a constant) and degenerate BCa: handled below
-        res = stats.bootstrap((np.arange(n),), stat, vectorized=False, n_resamples=n_resamples,
+        res = stats.bootstrap((np.arange(n),), stat, vectorized=True, n_resamples=n_resamples,
                               confidence_level=LEVEL, method="BCa", rng=np.random.default_rng(seed))
         out = {}
         tail = 50 * (1 - LEVEL)

@@ -85,7 +85,7 @@ def predict(model: tuple[LabelNet, np.ndarray, np.ndarray], images: torch.Tensor
 
 def scores(prefix: str, names, truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """control_scores' numbers under `prefix/` (utility/..., utility_real/...)."""
-    out = control_scores({n: truth[:, j] for j, n in enumerate(names)}, {n: pred[:, j] for j, n in enumerate(names)})
+    out = control_scores({n: truth[..., j] for j, n in enumerate(names)}, {n: pred[..., j] for j, n in enumerate(names)})
     return {prefix + k[len("control"):]: v for k, v in out.items()}
 
 
