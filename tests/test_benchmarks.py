@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import dp_overhead, latent_cache, memory, scaling, threads
+from benchmarks import dp_overhead, eval_intervals, latent_cache, memory, scaling, threads
 from orchestrator.config import StageConfig
 
 
@@ -112,3 +112,13 @@ def test_latent_cache_reports_encoding_and_cached_steps_side_by_side(tmp_path):
     assert row["dp"] is False and row["shape"] == [13, 32, 32] and row["threads"] == 1
     assert row["encode_step_s"] > 0 and row["cached_step_s"] > 0
     assert row["speedup"] == row["encode_step_s"] / row["cached_step_s"]
+
+
+def test_eval_intervals_reports_both_ways_of_bootstrapping_and_checks_they_agree(tmp_path):
+    out = tmp_path / "eval_intervals.json"
+    rows = eval_intervals.main(["--quick", "--sizes", "40", "150", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [r["n"] for r in rows] == [40, 150]
+    for r in rows:   # measure() raises if the two ways' intervals or distances differ
+        assert r["control_per_resample_s"] > 0 and r["control_batched_s"] > 0
+        assert r["control_speedup"] == r["control_per_resample_s"] / r["control_batched_s"]

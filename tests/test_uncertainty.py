@@ -16,11 +16,37 @@ from trainers.uncertainty import (fd_interval, fidelity_intervals, frechet_from_
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("n,f", [(32, 120), (200, 20)], ids=["fewer-rows-than-features", "more-rows"])
-def test_nuclear_norm_frechet_equals_the_sqrtm_formula(n, f):
+@pytest.mark.parametrize("n,f,constant", [(32, 120, False), (200, 20, False), (200, 20, True)],
+                         ids=["fewer-rows-than-features", "more-rows", "more-rows-singular-gram"])
+def test_nuclear_norm_frechet_equals_the_sqrtm_formula(n, f, constant):
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(n, f)), rng.normal(size=(n + 3, f)) * 1.3 + 0.2
+    if constant:   # a dead feature: the Gram matrix is singular, Cholesky fails, QR takes over
+        a[:, 3] = b[:, 3] = 0.5
     assert frechet_from_rows(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-6)
+
+
+def test_control_scores_of_a_batch_of_resamples_equal_one_call_per_resample():
+    """The bootstrap scores all resamples in one call (arrays of shape (B, n)): each row must
+    give what scoring that resample alone gives, NaN rules included (missing labels, < 3 pairs,
+    a resample of one repeated volume)."""
+    rng = np.random.default_rng(1)
+    n = 40
+    req = {"LVEDV": rng.normal(150, 20, n), "LVESV": rng.normal(60, 10, n), "ESED": rng.integers(0, 2, n).astype(float)}
+    meas = {"LVEDV": req["LVEDV"] + rng.normal(0, 15, n), "LVESV": rng.normal(60, 10, n),
+            "ESED": np.clip(req["ESED"] + rng.normal(0, 0.4, n), 0, 1)}
+    req["LVEDV"][req["ESED"] == 1] = np.nan
+    meas["LVESV"][req["ESED"] == 0] = np.nan
+    idx = rng.integers(0, n, (25, n))
+    idx[0] = 7                                                  # one volume repeated: no variance
+    idx[1, :] = np.flatnonzero(req["ESED"] == 1)[0]             # and one with LVEDV missing throughout
+    batched = control_scores({k: v[idx] for k, v in req.items()}, {k: v[idx] for k, v in meas.items()})
+    for b in range(len(idx)):
+        alone = control_scores({k: v[idx[b]] for k, v in req.items()}, {k: v[idx[b]] for k, v in meas.items()})
+        assert list(alone) == list(batched)
+        for key, value in alone.items():
+            assert batched[key][b] == pytest.approx(value, rel=1e-9, nan_ok=True), (b, key)
+    assert np.isnan(batched["control/LVEDV/r"][0]) and np.isnan(batched["control/LVEDV/mae"][1])
 
 
 def test_gram_mmd_equals_monai_on_distinct_rows():
