@@ -47,9 +47,11 @@ def trial_label(stage: str, stage_config: dict, searched: Iterable[str], trial_i
     return " ".join(parts)
 
 
-def _num(result: dict, key: str) -> Optional[float]:
+def _num(result: dict, key: str, inf_ok: bool = False) -> Optional[float]:
     v = result.get(key)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    return float(v) if math.isfinite(v) or (inf_ok and v == math.inf) else None
 
 
 class ConsoleProgress(tune.Callback):
@@ -75,7 +77,7 @@ class ConsoleProgress(tune.Callback):
         parts = [f"[{label}] epoch {int(result.get('epoch', 0))}/{self.epochs}"]
         for key, name in (("train/loss", "train/loss"), ("val/loss", "val/loss"), ("privacy/epsilon", "eps"),
                           ("privacy/epsilon_subject", "eps_patient")):
-            v = _num(result, key)
+            v = _num(result, key, inf_ok=key.startswith("privacy/"))   # an unbounded epsilon says so
             if v is not None and not (key == "privacy/epsilon_subject" and result.get("privacy.unit") == "subject"):
                 parts.append(f"{name}={v:.4g}")
         if result.get("privacy.unit") == "subject":
@@ -91,7 +93,7 @@ class ConsoleProgress(tune.Callback):
                                                                          "control/ed_es", "select/"))
                                  and k != self.metric]
         values = " ".join(f"{k}={v:.4g}" for k in dict.fromkeys(shown) if (v := _num(r, k)) is not None)
-        eps, patient = _num(r, "privacy/epsilon"), _num(r, "privacy/epsilon_subject")
+        eps, patient = _num(r, "privacy/epsilon", inf_ok=True), _num(r, "privacy/epsilon_subject", inf_ok=True)
         if eps is not None:
             values += f" epsilon={eps:.4g}" + (" per patient" if r.get("privacy.unit") == "subject" else
                                               f" (per patient {patient:.4g}, group privacy over "

@@ -84,6 +84,18 @@ def _is_outage(exc: BaseException) -> bool:
     return False
 
 
+def loggable_metric(key: str, value) -> bool:
+    """Whether a trial's result value goes to MLflow as a metric: numbers under a "/" key,
+    finite ones, and +inf for privacy metrics. An epsilon with no finite bound (per patient,
+    by group privacy, when the record-level epsilon is large) must replace the epoch before's
+    finite one, not leave it standing as the latest value: MLflow stores it as the max
+    float, which `orchestrator/report.py` reads back as inf. NaN never goes."""
+    if "/" not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    v = float(value)
+    return math.isfinite(v) or (v == math.inf and key.startswith("privacy/"))
+
+
 class MlflowTrialLogger(tune.Callback):
     """Mirrors Tune trials into MLflow child runs of the launch's parent run.
 
@@ -207,7 +219,7 @@ class MlflowTrialLogger(tune.Callback):
             now = int(time.time() * 1000)
             missing = [Metric(k, float(v), now, int(e["epoch"])) for e in payload
                        if int(e.get("epoch", 0)) not in have
-                       for k, v in e.items() if "/" in k and math.isfinite(float(v))]
+                       for k, v in e.items() if loggable_metric(k, v)]
             if missing:
                 print(f"[{self.stage}] trial {key.rsplit('/', 1)[-1]}: {len({m.step for m in missing})} epoch(s) "
                       "checkpointed but not yet in MLflow when the launch stopped; logged now", flush=True)
@@ -262,9 +274,7 @@ class MlflowTrialLogger(tune.Callback):
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
-        metrics = [(k, float(v), now, step) for k, v in result.items()
-                   if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(float(v))]
+        metrics = [(k, float(v), now, step) for k, v in result.items() if loggable_metric(k, v)]
         # Facts known only inside the trial (the sigma solved from a target epsilon, the
         # latent scale and where it came from) arrive with the results; they are params.
         params = {k: _param_value(v) for k, v in result.items() if k.startswith(("privacy.", "select."))}

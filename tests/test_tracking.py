@@ -73,3 +73,39 @@ def test_launch_with_unreachable_tracking_server_stops_before_training(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: tracking.uri: ")
     assert not (tmp_path / "out" / "launch.json").exists()
+
+
+def test_an_unbounded_patient_epsilon_replaces_the_finite_one_before_it(tmp_path, capsys):
+    """Group privacy finds no finite patient-level bound once the record-level epsilon is
+    large (the privacy_cost study's epsilon-10 trials from their third epoch). That inf must
+    be the trial's latest `privacy/epsilon_subject` in MLflow and on the console: dropped as
+    non-finite, the epoch before's 46.96 stood as the patient's epsilon (an under-report)."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.progress import ConsoleProgress
+    from orchestrator.report import _number
+    from orchestrator.tracking import MlflowTrialLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp).info.run_id
+    logger = MlflowTrialLogger(uri=uri, experiment_id=exp, parent_run_id=parent, stage="dp", model="ldm", dp=True)
+    console = ConsoleProgress("dp", 2, [], False, "val/loss")
+    trial = SimpleNamespace(trial_id="t1", config={"stage": {"dp": {"enabled": True}}}, last_result=None)
+    logger.on_trial_start(0, [], trial)
+    for epoch, subject in ((1, 46.96), (2, float("inf"))):
+        result = {"epoch": epoch, "train/loss": 0.1, "val/loss": 0.1, "privacy/epsilon": 5.0 * epoch,
+                  "privacy/epsilon_subject": subject, "fidelity/fd": float("nan"), "privacy.group_size": 4}
+        logger.on_trial_result(0, [], trial, result)
+        console.on_trial_result(0, [], trial, result)
+    trial.last_result = result
+    console.on_trial_complete(0, [], trial)
+    run = client.search_runs([exp], "tags.`orchestrator.role` = 'trial'")[0]
+    assert _number(run.data.metrics["privacy/epsilon_subject"]) == float("inf")
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "privacy/epsilon")] == [5.0, 10.0]
+    assert "fidelity/fd" not in run.data.metrics   # NaN still never goes
+    out = capsys.readouterr().out
+    assert "eps_patient=46.96" in out and "eps_patient=inf" in out and "per patient inf" in out
