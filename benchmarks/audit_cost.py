@@ -22,7 +22,6 @@ to see the cost of a model whose step time grows with its batch.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import write_json
 from tests.helpers import TINY_AE, phantom_data, run_loop
 
 SIDES = {"none": None, "gradient": {"canaries": 1000, "kind": "gradient"},
@@ -83,8 +83,7 @@ def main(argv=None) -> dict:
         name = "none" if SIDES[side] is None else f"{side}, M = {SIDES[side]['canaries']}"
         print(f"| {name} | {b['wall_s']:.2f} | {b['wall_ratio']:.2f}x | {b['train_s']:.2f} | {b['train_ratio']:.2f}x "
               f"| {b['epsilon']:.3g} | {lower} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(best, indent=2))
+    write_json(args.json, best)
     return best
 
 

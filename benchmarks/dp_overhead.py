@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import os
 import platform
@@ -31,6 +30,7 @@ import warnings
 
 import torch
 
+from benchmarks import write_json
 from models import build_adapter
 from orchestrator.config import BetaVAEConfig, LDMConfig, VQVAEConfig
 from trainers.privacy import Stepper, make_dp_stepper
@@ -235,9 +235,7 @@ def main(argv=None) -> list[dict]:
             rows += measure(family, args.reference_modes, REFERENCE_SHAPE, args.reference_batch, 2, args.threads,
                             args.device, args.bf16)
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     return rows
 
 

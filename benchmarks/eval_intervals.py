@@ -19,13 +19,13 @@ Each side's time is its fastest of `repeats`; ratios are speed-ups.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 
 import numpy as np
 from scipy import stats
 
+from benchmarks import write_json
 from trainers.evaluation import control_scores
 from trainers.uncertainty import LEVEL, frechet_from_rows, scores_intervals
 
@@ -107,9 +107,7 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['n']} | {r['control_per_resample_s']:.2f} s | {r['control_batched_s']:.3f} s "
               f"| {r['control_speedup']:.0f}x | {r['fd_svd_ms']:.2f} ms | {r['fd_fast_ms']:.2f} ms "
               f"| {r['fd_speedup']:.2f}x |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     return rows
 
 

@@ -14,12 +14,12 @@ loss (tests/test_ldm.py checks it draw for draw).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
+from benchmarks import write_json
 from benchmarks.threads import N_LABELS, SHAPE, _ldm
 from trainers.privacy import Stepper, make_dp_stepper
 
@@ -77,9 +77,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"| {'DP (bk)' if r['dp'] else 'non-DP'} | {r['encode_step_s']:.3f} s ({r['encode_vol_per_s']:.1f} vol/s) "
               f"| {r['cached_step_s']:.3f} s ({r['cached_vol_per_s']:.1f} vol/s) | {r['speedup']:.2f}x |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     torch.set_num_threads(before)
     return rows
 

@@ -16,12 +16,13 @@ contrast that shows the measurement can see growth.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import warnings
 import time
 
 import torch
+
+from benchmarks import write_json
 
 SHAPE = (5, 16, 16)
 N_LABELS = 3
@@ -134,9 +135,7 @@ def main(argv=None) -> list[dict]:
         print(f"{r['logical_batch']:>8}{r['physical_batch']:>10}{r['peak_mb']:>13.1f}{r['increment_mb']:>14.1f}"
               + (f"{r['increment_vs_smallest']:>12.3f}x" if r["increment_vs_smallest"] is not None else f"{'-':>13}")
               + (f"{r['cuda_peak_mb']:>10.1f}" if cuda else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     return rows
 
 

@@ -11,7 +11,6 @@ depend on the machine; the speedup is what a second worker buys.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import write_json
 
 SHAPE = (13, 32, 32)
 LABELS = ("LVEDV", "LVESV", "ESED")
@@ -129,9 +130,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"{'DP' if r['dp'] else 'non-DP':<8}{r['workers']:>8}{r['samples_per_s']:>12.2f}"
               f"{r['speedup_vs_1']:>9.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     return rows
 
 

@@ -13,13 +13,13 @@ the time per volume is what patient-level privacy costs (the goal is within 1.1x
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
 
 import torch
 
+from benchmarks import write_json
 from models import build_adapter
 from orchestrator.config import BetaVAEConfig
 from trainers.privacy import make_dp_stepper
@@ -88,9 +88,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['mode']} | {r['shape']}, {r['volumes_per_step']} | {r['record_s_per_volume']:.4f} | "
               f"{r['subject_s_per_volume']:.4f} | {r['subject_over_record']:.2f}x |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     return 0
 
 

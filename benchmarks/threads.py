@@ -12,12 +12,12 @@ it is given N CPUs instead of 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
+from benchmarks import write_json
 from models import build_adapter
 from orchestrator.config import BetaVAEConfig, LDMConfig
 from trainers.privacy import Stepper
@@ -86,9 +86,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"| {r['family']}, {r['batch']} | {r['one_thread_step_s']:.2f} s ({r['one_thread_vol_per_s']:.1f} vol/s) "
               f"| {r['n_threads_step_s']:.2f} s ({r['n_threads_vol_per_s']:.1f} vol/s) | {r['speedup']:.2f}x |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, rows)
     torch.set_num_threads(1)
     return rows
 

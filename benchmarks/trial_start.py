@@ -13,12 +13,13 @@ about 40 trials.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from collections import Counter
+
+from benchmarks import write_json
 
 
 def _report_once(config: dict) -> None:
@@ -87,9 +88,7 @@ def main(argv=None) -> dict:
           f"(local / stock = {result['local_over_stock']:.2f})")
     for label in ("stock", "local"):
         print(f"  actors per run, {label}: " + ", ".join(f"{k} x{n}" for k, n in sorted(actors[label].items())))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return result
 
 
