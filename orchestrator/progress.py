@@ -47,11 +47,20 @@ def trial_label(stage: str, stage_config: dict, searched: Iterable[str], trial_i
     return " ".join(parts)
 
 
-def _num(result: dict, key: str, inf_ok: bool = False) -> Optional[float]:
-    v = result.get(key)
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
+def metric_value(key: str, value) -> Optional[float]:
+    """A trial's result value as a metric: a number, finite, or +inf under `privacy/` (None
+    otherwise; NaN never). An epsilon with no finite bound (per patient, by group privacy,
+    when the record-level epsilon is large) must replace the epoch before's finite one, not
+    leave it standing as the latest value: MLflow stores it as the max float, which
+    `orchestrator/report.py` reads back as inf, and the console prints it."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
-    return float(v) if math.isfinite(v) or (inf_ok and v == math.inf) else None
+    v = float(value)
+    return v if math.isfinite(v) or (v == math.inf and key.startswith("privacy/")) else None
+
+
+def _num(result: dict, key: str) -> Optional[float]:
+    return metric_value(key, result.get(key))   # an unbounded epsilon says so
 
 
 class ConsoleProgress(tune.Callback):
@@ -77,7 +86,7 @@ class ConsoleProgress(tune.Callback):
         parts = [f"[{label}] epoch {int(result.get('epoch', 0))}/{self.epochs}"]
         for key, name in (("train/loss", "train/loss"), ("val/loss", "val/loss"), ("privacy/epsilon", "eps"),
                           ("privacy/epsilon_subject", "eps_patient")):
-            v = _num(result, key, inf_ok=key.startswith("privacy/"))   # an unbounded epsilon says so
+            v = _num(result, key)
             if v is not None and not (key == "privacy/epsilon_subject" and result.get("privacy.unit") == "subject"):
                 parts.append(f"{name}={v:.4g}")
         if result.get("privacy.unit") == "subject":
@@ -93,7 +102,7 @@ class ConsoleProgress(tune.Callback):
                                                                          "control/ed_es", "select/"))
                                  and k != self.metric]
         values = " ".join(f"{k}={v:.4g}" for k in dict.fromkeys(shown) if (v := _num(r, k)) is not None)
-        eps, patient = _num(r, "privacy/epsilon", inf_ok=True), _num(r, "privacy/epsilon_subject", inf_ok=True)
+        eps, patient = _num(r, "privacy/epsilon"), _num(r, "privacy/epsilon_subject")
         if eps is not None:
             values += f" epsilon={eps:.4g}" + (" per patient" if r.get("privacy.unit") == "subject" else
                                               f" (per patient {patient:.4g}, group privacy over "

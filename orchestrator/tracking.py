@@ -14,7 +14,6 @@ Names (the contract in ARCHITECTURE.md):
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Optional
 from ray import tune
 
 from orchestrator.config import flatten
-from orchestrator.progress import trial_label
+from orchestrator.progress import metric_value, trial_label
 
 ROLE, STAGE, MODEL, DP = "orchestrator.role", "orchestrator.stage", "orchestrator.model", "orchestrator.dp"
 DP_RELEASE = "orchestrator.dp_release"
@@ -85,15 +84,8 @@ def _is_outage(exc: BaseException) -> bool:
 
 
 def loggable_metric(key: str, value) -> bool:
-    """Whether a trial's result value goes to MLflow as a metric: numbers under a "/" key,
-    finite ones, and +inf for privacy metrics. An epsilon with no finite bound (per patient,
-    by group privacy, when the record-level epsilon is large) must replace the epoch before's
-    finite one, not leave it standing as the latest value: MLflow stores it as the max
-    float, which `orchestrator/report.py` reads back as inf. NaN never goes."""
-    if "/" not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    v = float(value)
-    return math.isfinite(v) or (v == math.inf and key.startswith("privacy/"))
+    """Whether a result value goes to MLflow as a metric: a `metric_value` under a "/" key."""
+    return "/" in key and metric_value(key, value) is not None
 
 
 class MlflowTrialLogger(tune.Callback):
