@@ -414,7 +414,7 @@ class StageConfig(_Strict):
     name: str = Field(..., min_length=1, description="stage name (MLflow tag `orchestrator.stage`)")
     needs: Optional[str] = Field(None, description="stage whose selected checkpoint this stage uses")
     select: Optional[Literal["best", "each"]] = Field(None, description="with `needs`: best trial, or one sweep per upstream trial")
-    init_from: Optional[str] = Field(None, description="stage whose selected weights initialise this one")
+    init_from: Optional[str] = Field(None, description="stage whose selected weights initialise this one (its raw weights, not its EMA)")
     data: Optional[dict[str, Any]] = Field(None, description="overrides of the top-level `data` for this stage")
     model: ModelConfig = Field(default_factory=BetaVAEConfig, description="the model family and its size")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
