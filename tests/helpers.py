@@ -224,8 +224,13 @@ def noise_ledger(output: Path, run) -> Path:
     return found[0]
 
 
+def ledger_lines(path: Path) -> int:
+    """Noise additions recorded in one noise ledger (its non-blank lines)."""
+    return sum(1 for line in Path(path).read_text().splitlines() if line.strip())
+
+
 def noise_ledger_lines(output: Path, run) -> int:
-    return sum(1 for line in noise_ledger(output, run).read_text().splitlines() if line.strip())
+    return ledger_lines(noise_ledger(output, run))
 
 
 # --- the training loop in this process ------------------------------------------------------

@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-from tests.helpers import (client_for, independent_epsilon, noise_ledger_lines, parent_run, stage, sweep_dict,
-                           trial_runs, trial_runs_once_started, write_sweep)
+from tests.helpers import (client_for, independent_epsilon, ledger_lines, noise_ledger_lines, parent_run, stage,
+                           sweep_dict, trial_runs, trial_runs_once_started, write_sweep)
 
 pytestmark = pytest.mark.heavy
 
@@ -46,8 +46,7 @@ def _epochs_logged(db):
 
 def _ledger_lines(output):
     """Noise additions so far, read while the trial trains (0 before its ledger exists)."""
-    return sum(1 for f in output.glob("ray_results/*/noise_ledger.txt")
-               for line in f.read_text().splitlines() if line.strip())
+    return sum(ledger_lines(f) for f in output.glob("ray_results/*/noise_ledger.txt"))
 
 
 def test_worker_killed_mid_epoch_trial_completes_and_epsilon_keeps_the_lost_steps(tmp_path):
@@ -65,10 +64,11 @@ def test_worker_killed_mid_epoch_trial_completes_and_epsilon_keeps_the_lost_step
                                 stdout=sink, stderr=subprocess.STDOUT, text=True)
     # Kill once the ledger shows noisy steps after the epoch-1 checkpoint (a fixed sleep
     # after epoch 1's metrics raced on a slow machine: the kill came before epoch 2's first
-    # step, nothing was lost, and the test failed on a run that had done nothing wrong)
+    # step, nothing was lost, and the test failed on a run that had done nothing wrong). The
+    # file is read first, so MLflow is queried only once the ledger has passed an epoch.
     per_epoch = math.ceil(n_train / batch)
     deadline = time.time() + 600
-    while ((_epochs_logged(db) < 1 or _ledger_lines(tmp_path / "runs/f") <= per_epoch)
+    while ((_ledger_lines(tmp_path / "runs/f") <= per_epoch or _epochs_logged(db) < 1)
            and time.time() < deadline and proc.poll() is None):
         time.sleep(0.1)
     pids = _worker_pids(proc.pid)
